@@ -1,0 +1,448 @@
+"""The whole run configuration: one pydantic tree, loaded from YAML, every field validated.
+
+Each component receives only its own section (``cfg.rollout`` for rollout workers, ``cfg.learner`` for
+the learner, ...). Each objective's hyper-parameters live in their own subsection of ``algorithm``, all
+present with defaults, so that ``--set algorithm.name=X`` alone switches objective.
+
+This module imports neither torch nor Ray: a bad configuration must fail in well under a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ALGORITHMS = ("vgrpo", "dgpo", "flow_grpo", "nft")
+AdvantageNorm = Literal["group", "global_std", "none"]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1, description="LoRA rank r")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init: Literal["gaussian", "default", "zeros"] = "gaussian"
+    # SD3 attention projections, as Flow-GRPO targets them (ALGORITHMS.md §6.1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"
+        ]
+    )
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "builtin:tiny-sd3",
+        description="diffusers pipeline: a local folder, a hub id, or builtin:tiny-sd3 (shipped)",
+    )
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
+    lora: LoraConfig | None = Field(
+        default_factory=LoraConfig, description="null trains (and broadcasts) the full transformer"
+    )
+    max_sequence_length: int = Field(77, ge=1, le=512)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class DataConfig(Section):
+    train_prompts: str = Field(
+        "builtin:shapes/train", description="prompt file: .txt (one a line) or .jsonl (GenEval metadata)"
+    )
+    eval_prompts: str = Field("builtin:shapes/heldout", description="held-out prompt file")
+    shuffle: bool = True
+    eval_images_per_prompt: int = Field(4, ge=1, description="GenEval samples 4 images per prompt")
+    eval_max_prompts: int | None = Field(None, ge=1, description="cap on held-out prompts (None: all)")
+
+
+# ----------------------------------------------------------------------------------------------- rollout
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(1, ge=1, description="rollout actors (one per inference device)")
+    group_size: int = Field(8, description="G: images per prompt")
+    prompts_per_step: int = Field(4, ge=1, description="P: prompt groups per training step")
+    num_steps: int = Field(10, ge=1, description="sampler steps")
+    sampler: Literal["auto", "euler", "dpm2", "sde"] = Field(
+        "auto", description="auto follows the objective: dpm2 ODE for the ELBO family, sde for flow_grpo"
+    )
+    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance w (1 = off)")
+    shift: float | None = Field(None, gt=0, description="SD3 sigma shift; None reads the scheduler's")
+    height: int | None = Field(None, ge=8, description="None: the model's native size")
+    width: int | None = Field(None, ge=8)
+    batch_size: int = Field(32, ge=1, description="images per sampler forward pass")
+    cpus_per_worker: float = Field(0.25, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(
+                f"group_size must be >= 2 (got {v}): group-relative advantages need at least two "
+                "images per prompt; fix: --set rollout.group_size=8"
+            )
+        return v
+
+
+# ----------------------------------------------------------------------------------------------- reward
+
+
+class RewardServerConfig(Section):
+    num_replicas: int | Literal["auto"] = Field(1, description="Serve replicas, or auto (queue-depth autoscaling)")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="None: 4 x max_batch_size (Serve's default 5 caps batches at 5)"
+    )
+    cpus: float = Field(0.25, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict, description="reward-specific settings")
+
+
+class RewardConfig(Section):
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"shapes": 1.0}, description="reward name -> weight in the scalar reward"
+    )
+    servers: dict[str, RewardServerConfig] = Field(
+        default_factory=dict, description="per-reward serving settings (defaults apply to the rest)"
+    )
+    timeout_s: float = Field(120.0, gt=0, description="per request")
+    retries: int = Field(2, ge=0, description="retries of a failed or timed-out reward request")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("at least one reward is needed; fix: --set reward.weights.shapes=1.0")
+        for name, w in v.items():
+            if not math.isfinite(w):
+                raise ValueError(f"weight of reward {name!r} is {w}, not a finite number")
+        if all(w == 0 for w in v.values()):
+            raise ValueError("every reward weight is 0: the training signal would be constant")
+        return v
+
+    def server(self, name: str) -> RewardServerConfig:
+        return self.servers.get(name, RewardServerConfig())
+
+
+# ----------------------------------------------------------------------------------------------- algorithm
+
+
+class AdvantageConfig(Section):
+    """Group-relative advantages, ALGORITHMS.md §3."""
+
+    norm: AdvantageNorm = Field("group", description="group: per-group std; global_std: std of the batch")
+    eps: float = Field(1e-4, gt=0)
+    clip: float | None = Field(5.0, gt=0, description="hard clip |A| <= clip (None: off)")
+    soft_clip: float | None = Field(None, gt=0, description="eta: A <- eta * tanh(A / eta) (None: off)")
+
+
+class VGRPOConfig(Section):
+    """V-GRPO, ALGORITHMS.md §4."""
+
+    n_mc: int = Field(4, ge=1, description="(t, eps) pairs per image, shared by the prompt's group")
+    clip_eps: float = Field(0.01, ge=0, description="ratio clip epsilon")
+    kl_beta: float = Field(0.0, ge=0, description="KL-to-old weight (active when the ratio != 1)")
+    inner_steps: int = Field(1, ge=1, description="gradient steps per rollout batch")
+    t_min: float = Field(0.02, ge=0, lt=1, description="training times avoid t=0 and t=1")
+    t_max: float = Field(0.98, gt=0, le=1)
+    advantage: AdvantageConfig = Field(
+        default_factory=lambda: AdvantageConfig(norm="group", clip=None, soft_clip=3.0)
+    )
+
+
+class DGPOConfig(Section):
+    """DGPO, ALGORITHMS.md §5.3."""
+
+    beta_dpo: float = Field(100.0, gt=0)
+    kl_beta: float = Field(0.02, ge=0)
+    clip: float = Field(1e-2, ge=0, description="PPO-style sample drop threshold c")
+    num_timesteps: int = Field(4, ge=1, description="M grid times per epoch")
+    trunc_steps: int = Field(4, ge=0, description="train on grid indices 0..trunc_steps (high noise)")
+    ema_decay_max: float = Field(0.3, ge=0, lt=1, description="old copy: EMA decay min(max, 0.001 step)")
+    advantage: AdvantageConfig = Field(default_factory=lambda: AdvantageConfig(norm="group", clip=5.0))
+
+
+class FlowGRPOConfig(Section):
+    """Flow-GRPO, ALGORITHMS.md §6.1."""
+
+    noise_level: float = Field(0.7, ge=0, description="SDE noise level a")
+    clip_range: float = Field(1e-4, gt=0)
+    kl_beta: float = Field(0.04, ge=0, description="KL to the frozen reference")
+    timestep_fraction: float = Field(0.9, gt=0, le=1, description="train on the first fraction of steps")
+    inner_steps: int = Field(1, ge=1, description="optimiser steps per rollout batch")
+    advantage: AdvantageConfig = Field(default_factory=lambda: AdvantageConfig(norm="global_std", clip=5.0))
+
+
+class NFTConfig(Section):
+    """DiffusionNFT, ALGORITHMS.md §5.2."""
+
+    beta: float = Field(1.0, gt=0, description="guidance strength of the implicit policies")
+    kl_beta: float = Field(1e-4, ge=0)
+    adv_clip_max: float = Field(5.0, gt=0)
+    timestep_fraction: float = Field(0.99, gt=0, le=1)
+    old_decay_rate: float = Field(0.001, ge=0, description="old <- d old + (1-d) theta, d = min(rate*step, max)")
+    old_decay_max: float = Field(0.5, ge=0, lt=1)
+    advantage: AdvantageConfig = Field(default_factory=lambda: AdvantageConfig(norm="global_std", clip=5.0))
+
+
+class AlgorithmConfig(Section):
+    name: str = Field("vgrpo", description="one of " + ", ".join(ALGORITHMS))
+    vgrpo: VGRPOConfig = Field(default_factory=VGRPOConfig)
+    dgpo: DGPOConfig = Field(default_factory=DGPOConfig)
+    flow_grpo: FlowGRPOConfig = Field(default_factory=FlowGRPOConfig)
+    nft: NFTConfig = Field(default_factory=NFTConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v not in ALGORITHMS:
+            close = difflib.get_close_matches(v, ALGORITHMS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(
+                f"unknown algorithm {v!r}{hint}; choose one of: {', '.join(ALGORITHMS)} "
+                f"(default vgrpo); fix: --set algorithm.name=vgrpo"
+            )
+        return v
+
+    def params(self) -> BaseModel:
+        """The selected objective's own subsection."""
+        return getattr(self, self.name)
+
+
+# ----------------------------------------------------------------------------------------------- learner
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1, description="learner actors in one DeepSpeed ZeRO group")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    micro_batch_size: int = Field(32, ge=1, description="images per learner forward/backward")
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU")
+    activation_checkpointing: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    cpus_per_rank: float = Field(0.5, ge=0)
+    gpus_per_rank: float = Field(0.0, ge=0)
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+class TrainConfig(Section):
+    steps: int = Field(40, ge=1, description="training steps (each publishes a new policy version)")
+    seed: int = 0
+    max_staleness: int = Field(0, ge=0, description="0 = synchronous; k = rollouts may lag k versions")
+    checkpoint_every: int = Field(10, ge=1, description="steps; the last step is always checkpointed")
+    eval_every: int = Field(0, ge=0, description="steps between held-out evaluations (0: never)")
+    samples_every: int = Field(10, ge=1, description="steps between sample grids")
+    keep_checkpoints: int = Field(3, ge=1)
+    ema: float | None = Field(None, gt=0, lt=1, description="EMA decay of the policy for eval/export")
+    run_name: str | None = None
+    storage: str | None = Field(None, description="shared path or fsspec URL for the run directory")
+    timeout_s: float = Field(600.0, gt=0, description="limit on any single remote wait")
+
+
+class ResourcesConfig(Section):
+    num_cpus: float | None = Field(None, gt=0, description="CPUs of the embedded local Ray (None: all)")
+    num_gpus: float | None = Field(None, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = "PACK"
+
+
+class ObservabilityConfig(Section):
+    progress: Literal["auto", "rich", "plain", "off"] = "auto"
+    tensorboard: bool = True
+    report: bool = True
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="driver Prometheus port (None: off)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+# ----------------------------------------------------------------------------------------------- root
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> RunConfig:
+        if self.rollout.sampler == "sde" and self.algorithm.name != "flow_grpo":
+            raise ValueError(
+                f"rollout.sampler = 'sde' only serves algorithm.name = flow_grpo (got "
+                f"{self.algorithm.name!r}); fix: --set rollout.sampler=auto"
+            )
+        if self.algorithm.name == "flow_grpo" and self.rollout.sampler in ("euler", "dpm2"):
+            raise ValueError(
+                f"flow_grpo needs the SDE sampler's log-probabilities, not rollout.sampler = "
+                f"{self.rollout.sampler!r}; fix: --set rollout.sampler=auto"
+            )
+        return self
+
+    def sampler(self) -> str:
+        """The rollout sampler the objective needs (DESIGN.md: the sampler follows the objective)."""
+        if self.rollout.sampler != "auto":
+            return self.rollout.sampler
+        return "sde" if self.algorithm.name == "flow_grpo" else "dpm2"
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` holds one line per field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _fields_at(path: tuple[str | int, ...]) -> list[str]:
+    """The valid key names of the section at a dotted path of the tree (empty if not a section)."""
+    model: Any = RunConfig
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _section_type(annotation: Any) -> Any:
+    """The BaseModel class inside an annotation like ``LoraConfig | None``, else the annotation."""
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # pydantic adds the union member's type name to the location of a union field; drop it
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+    dotted = ".".join(str(p) for p in loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        key = str(loc[-1])
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        return f"{dotted}: unknown key.{hint} Valid keys under {where}: {', '.join(valid)}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    if err["type"] in ("int_parsing", "float_parsing", "bool_parsing", "int_from_float"):
+        kind = err["type"].split("_")[0]
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}[kind]
+        default = _default_at(loc)
+        example = f", e.g. --set {dotted}={default}" if default is not None else ""
+        msg = f"{msg}; fix: give {kind}{example}"
+    return f"{dotted}{shown}: {msg}"
+
+
+def _default_at(loc: tuple[Any, ...]) -> Any:
+    try:
+        node: Any = RunConfig()
+        for p in loc:
+            node = getattr(node, str(p))
+        return node if isinstance(node, (int, float, str, bool)) else None
+    except Exception:  # a dict key or list index: no default to show
+        return None
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors()]) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar, so 3 -> int, true -> bool)."""
+    if "=" not in item:
+        raise ConfigError([f"--set {item!r}: expected key=value, e.g. --set train.steps=10"])
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError([f"--set {item!r}: the key {key!r} is not a dotted path like train.steps"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                if not isinstance(child, dict):
+                    raise ConfigError([f"--set {item!r}: {p} is a value, not a section"])
+                node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"--config {path}: no such file"])
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--config {path}: not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"--config {path}: the top level must be a mapping of sections"])
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The embedded default, updated by a YAML file, then by ``--set`` overrides (in that order)."""
+    data = read_yaml(path) if path is not None else {}
+    return validate(apply_overrides(data, list(overrides or [])))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
