@@ -38,7 +38,14 @@ class LoraConfig(Section):
     # SD3 attention projections, as Flow-GRPO targets them (ALGORITHMS.md §6.1)
     target_modules: list[str] = Field(
         default_factory=lambda: [
-            "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
         ]
     )
 
@@ -105,7 +112,9 @@ class RolloutConfig(Section):
 
 
 class RewardServerConfig(Section):
-    num_replicas: int | Literal["auto"] = Field(1, description="Serve replicas, or auto (queue-depth autoscaling)")
+    num_replicas: int | Literal["auto"] = Field(
+        1, description="Serve replicas, or auto (queue-depth autoscaling)"
+    )
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     max_batch_size: int = Field(32, ge=1)
@@ -200,7 +209,9 @@ class NFTConfig(Section):
     kl_beta: float = Field(1e-4, ge=0)
     adv_clip_max: float = Field(5.0, gt=0)
     timestep_fraction: float = Field(0.99, gt=0, le=1)
-    old_decay_rate: float = Field(0.001, ge=0, description="old <- d old + (1-d) theta, d = min(rate*step, max)")
+    old_decay_rate: float = Field(
+        0.001, ge=0, description="old <- d old + (1-d) theta, d = min(rate*step, max)"
+    )
     old_decay_max: float = Field(0.5, ge=0, lt=1)
     advantage: AdvantageConfig = Field(default_factory=lambda: AdvantageConfig(norm="global_std", clip=5.0))
 
@@ -351,7 +362,7 @@ def _section_type(annotation: Any) -> Any:
     return annotation
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: Any) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # pydantic adds the union member's type name to the location of a union field; drop it
     loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))

@@ -54,7 +54,9 @@ class RolloutBatchMeta(Message):
     def _counts(self) -> RolloutBatchMeta:
         n = len(self.prompts) * self.group_size
         if len(self.seeds) != n or self.latents.shape[:1] != [n]:
-            raise ValueError(f"rollout batch holds {n} images but {len(self.seeds)} seeds / latents {self.latents.shape}")
+            raise ValueError(
+                f"rollout batch holds {n} images but {len(self.seeds)} seeds / latents {self.latents.shape}"
+            )
         return self
 
 

@@ -151,7 +151,9 @@ def sde_step_with_logprob(
         x_next = mu + std * noise.float()
     else:
         x_next = prev_sample.float()
-    logp = -((x_next.detach() - mu) ** 2) / (2 * std**2) - torch.log(torch.tensor(std)) - 0.5 * torch.log(
-        torch.tensor(2 * torch.pi)
+    logp = (
+        -((x_next.detach() - mu) ** 2) / (2 * std**2)
+        - torch.log(torch.tensor(std))
+        - 0.5 * torch.log(torch.tensor(2 * torch.pi))
     )
     return x_next, logp.mean(dim=tuple(range(1, logp.ndim))), mu, std

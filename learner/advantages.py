@@ -1,0 +1,44 @@
+"""Group-relative advantages (ALGORITHMS.md §3)."""
+
+from __future__ import annotations
+
+import torch
+
+from vgrpo.proto.config import AdvantageConfig
+
+
+def group_advantages(
+    rewards_b: torch.Tensor, group_ids_b: torch.Tensor, cfg: AdvantageConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A = (R - mean_g) / (std + eps), then an optional hard clip and/or soft clip.
+
+    ``norm``: ``group`` divides by the group's own std (DGPO GenEval), ``global_std`` by the std of every
+    reward of the iteration (Flow-GRPO, DiffusionNFT), ``none`` leaves A = R - mean_g. Stds are population
+    stds (numpy's default, as the upstreams compute them). Zero-std groups get A = 0 exactly (§3 note a);
+    their fraction is reported as ``zero_std_frac``.
+    """
+    rewards_b = rewards_b.double()
+    _, inverse = torch.unique(group_ids_b, return_inverse=True)
+    num_groups = int(inverse.max()) + 1
+    count_g = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(rewards_b))
+    mean_g = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, rewards_b) / count_g
+    centred_b = rewards_b - mean_g[inverse]
+    var_g = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, centred_b**2) / count_g
+    std_g = var_g.sqrt()
+    if cfg.norm == "group":
+        adv_b = centred_b / (std_g[inverse] + cfg.eps)
+    elif cfg.norm == "global_std":
+        adv_b = centred_b / (rewards_b.std(unbiased=False) + cfg.eps)
+    else:
+        adv_b = centred_b
+    zero_b = (std_g < 1e-12)[inverse]
+    adv_b = torch.where(zero_b, torch.zeros_like(adv_b), adv_b)
+    if cfg.clip is not None:
+        adv_b = adv_b.clamp(-cfg.clip, cfg.clip)
+    if cfg.soft_clip is not None:
+        adv_b = cfg.soft_clip * torch.tanh(adv_b / cfg.soft_clip)  # V-GRPO's soft clip (§4.3)
+    stats = {
+        "zero_std_frac": float((std_g < 1e-12).double().mean()),
+        "adv_abs_mean": float(adv_b.abs().mean()),
+    }
+    return adv_b.float(), stats

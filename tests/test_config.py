@@ -1,0 +1,155 @@
+"""The configuration tree: defaults, YAML round trip, --set coercion, errors that name field and fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from vgrpo.proto.config import ConfigError, RunConfig, dump_config, load_config
+from vgrpo.proto.messages import RolloutBatchMeta, TensorSpec, WeightUpdateManifest
+
+CONTRACT_KEYS = [
+    "train.steps",
+    "train.seed",
+    "algorithm.name",
+    "rollout.num_workers",
+    "rollout.group_size",
+    "rollout.prompts_per_step",
+    "rollout.num_steps",
+    "learner.num_ranks",
+    "learner.zero_stage",
+    "reward.weights",
+    "train.max_staleness",
+    "train.checkpoint_every",
+    "train.eval_every",
+]
+
+
+def get(d, dotted):
+    for p in dotted.split("."):
+        d = d[p]
+    return d
+
+
+def test_default_has_contract_keys_and_every_objective_section():
+    d = RunConfig().model_dump()
+    for k in CONTRACT_KEYS:
+        get(d, k)
+    for name in ("vgrpo", "dgpo", "flow_grpo", "nft"):
+        assert isinstance(d["algorithm"][name], dict)
+    assert d["algorithm"]["name"] == "vgrpo" and d["learner"]["zero_stage"] == 2
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["train.steps=7", "algorithm.name=dgpo", "reward.weights.shapes=2.5"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path)
+    assert again == cfg
+    assert (
+        again.train.steps == 7 and again.algorithm.name == "dgpo" and again.reward.weights == {"shapes": 2.5}
+    )
+
+
+def test_set_coerces_types_and_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 3, "seed": 5}, "model": {"lora": None}}))
+    cfg = load_config(path, ["train.steps=11", "learner.lr=1e-3", "observability.tensorboard=false"])
+    assert cfg.train.steps == 11 and cfg.train.seed == 5
+    assert cfg.learner.lr == pytest.approx(1e-3) and cfg.observability.tensorboard is False
+    assert cfg.model.lora is None
+
+
+def test_switching_objective_alone_picks_its_sampler():
+    assert load_config(None, []).sampler() == "dpm2"
+    assert load_config(None, ["algorithm.name=flow_grpo"]).sampler() == "sde"
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("train.steps=abc", ["train.steps", "abc", "integer"]),
+        ("train.stepz=3", ["train.stepz", "steps"]),
+        ("algorithm.name=foo", ["algorithm.name", "foo", "vgrpo"]),
+        ("rollout.group_size=1", ["rollout.group_size", ">= 2"]),
+        ("reward.weights.shapes=.nan", ["reward.weights", "finite"]),
+        ("model.lora.rnk=4", ["model.lora.rnk", "rank"]),
+        ("bogus.key=1", ["bogus", "Valid keys"]),
+        ("learner.zero_stage=5", ["learner.zero_stage"]),
+        ("rollout.sampler=sde", ["sde", "flow_grpo"]),
+    ],
+)
+def test_bad_values_name_field_and_fix(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    text = str(info.value)
+    for w in words:
+        assert w in text, (w, text)
+
+
+def test_malformed_set_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_cli_config_prints_yaml_and_rejects_fast_without_traceback():
+    out = subprocess.run(
+        [sys.executable, "-m", "vgrpo.cli", "config", "--set", "train.steps=3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["train"]["steps"] == 3
+    bad = subprocess.run(
+        [sys.executable, "-m", "vgrpo.cli", "config", "--set", "train.stepz=3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "train.stepz" in bad.stderr and "steps" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_messages_validate_counts_and_versions():
+    spec = TensorSpec(shape=[4, 16, 8, 8], dtype="float32")
+    img = TensorSpec(shape=[4, 64, 64, 3], dtype="uint8")
+    from vgrpo.proto.messages import PromptItem
+
+    prompts = [
+        PromptItem(prompt="a photo of a circle", prompt_id=0),
+        PromptItem(prompt="a photo of a ring", prompt_id=1),
+    ]
+    meta = RolloutBatchMeta(
+        step=1,
+        policy_version=0,
+        worker=0,
+        prompts=prompts,
+        group_size=2,
+        seeds=[1, 2, 3, 4],
+        latents=spec,
+        images=img,
+    )
+    assert RolloutBatchMeta.model_validate_json(meta.model_dump_json()) == meta
+    with pytest.raises(ValueError, match="4 images"):
+        RolloutBatchMeta(
+            step=1,
+            policy_version=0,
+            worker=0,
+            prompts=prompts,
+            group_size=2,
+            seeds=[1, 2, 3],
+            latents=spec,
+            images=img,
+        )
+    m = WeightUpdateManifest(policy_version=3, kind="lora", tensors={"a": spec}, num_bytes=10)
+    assert WeightUpdateManifest.model_validate_json(m.model_dump_json()).policy_version == 3
