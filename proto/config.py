@@ -283,6 +283,7 @@ class ResourcesConfig(Section):
     num_cpus: float | None = Field(None, gt=0, description="CPUs of the embedded local Ray (None: all)")
     num_gpus: float | None = Field(None, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = "PACK"
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per actor (None: the node's cores)")
 
 
 class ObservabilityConfig(Section):

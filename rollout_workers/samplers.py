@@ -157,3 +157,31 @@ def sde_step_with_logprob(
         - 0.5 * torch.log(torch.tensor(2 * torch.pi))
     )
     return x_next, logp.mean(dim=tuple(range(1, logp.ndim))), mu, std
+
+
+def sde_sample(
+    velocity: VelocityFn,
+    x_init: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise_level: float = 0.7,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's rollout (§6.1): SDE steps recording every latent and each transition's log-prob.
+
+    Returns (x0_bchw, trajectory_btchw with x at sigma_0..sigma_N, logp_bt of the N transitions). The last
+    step (to sigma_N = 0) is taken deterministically (x_N = x - sigma v, logp 0): its SDE std would leave
+    noise in the final image, and Flow-GRPO does not train on it (timestep_fraction 0.9 of 10 steps).
+    """
+    x = x_init.float()
+    sigma_1 = float(sigmas[1])
+    trajectory, logps = [x], []
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        v = velocity(x, torch.full((x.shape[0],), s, dtype=torch.float32, device=x.device)).float()
+        if s_next == 0.0:
+            x, logp = x - s * v, torch.zeros(x.shape[0], device=x.device)
+        else:
+            x, logp, _, _ = sde_step_with_logprob(x, v, s, s_next, sigma_1, noise_level, generator=generator)
+        trajectory.append(x)
+        logps.append(logp)
+    return x, torch.stack(trajectory, 1), torch.stack(logps, 1)

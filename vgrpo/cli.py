@@ -118,6 +118,11 @@ def eval_cmd(
         rows = load_prompt_rows(prompts, max_prompts=max_prompts)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     try:
         pipe = load_pipeline(
             model, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu"
@@ -135,7 +140,8 @@ def eval_cmd(
         batch_size=batch_size,
         keep_images=grid is not None,
     )
-    print_table(result, title=f"GenEval-Shapes: {model}")
+    typer.echo(f"model: {model}  prompts: {prompts}")
+    print_table(result)
     if grid is not None:
         captions = [p["prompt"] for p in result["prompts"] for _ in p["images"]]
         save_grid(result["images"], captions, grid, columns=max(4, images_per_prompt * 2))
@@ -145,6 +151,122 @@ def eval_cmd(
         payload = strip_images(result) | {"model": model, "prompts_file": prompts}
         out.write_text(json.dumps(payload, indent=1))
         typer.echo(f"wrote {out}")
+
+
+@app.command("score")
+def score_cmd(
+    reward: str = typer.Option(
+        ..., "--reward", "-r", metavar="NAME[,NAME]", help="reward(s) to score with, e.g. shapes"
+    ),
+    manifest: Path = typer.Option(
+        ...,
+        "--manifest",
+        "-m",
+        help='JSONL, one {"image": "path.png", "prompt": "..."} a line (paths relative to it)',
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="output JSONL (default: stdout)"),
+) -> None:
+    """Score existing images: each output line is the input line plus "rewards", "score", or "error"."""
+    from vgrpo.score import score_manifest
+
+    raise typer.Exit(score_manifest([r.strip() for r in reward.split(",") if r.strip()], manifest, out))
+
+
+IDENTITY_KEYS = ("model.path", "model.lora", "algorithm.name", "train.seed")
+
+
+def _resume_config(run_dir: Path, sets: list[str] | None) -> RunConfig:
+    """The run's own config.yaml with --set applied; a change of the run's identity is refused."""
+    stored = run_dir / "config.yaml"
+    if not stored.is_file():
+        fail(f"--resume: {stored} does not exist; fix: point --run-dir at an existing run directory")
+    base = resolve_config(stored, None)
+    cfg = resolve_config(stored, sets)
+    for key in IDENTITY_KEYS:
+        a, b = base, cfg
+        for part in key.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        if a != b:
+            fail(f"--resume: --set {key} would change the run's identity ({a!r} -> {b!r}); capacity "
+                 "(rollout.num_workers, learner.num_ranks, ...) may change on resume, identity may not; "
+                 "fix: start a new run with another --run-dir")
+    return cfg
+
+
+@app.command("train")
+def train_cmd(
+    config: Path | None = CONFIG_OPT,
+    sets: list[str] | None = SET_OPT,
+    address: str | None = typer.Option(
+        None, "--address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)"
+    ),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="run directory (default: runs/<name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --run-dir from its last checkpoint"),
+) -> None:
+    """Train a policy online: rollout workers, reward servers and a DeepSpeed learner on Ray."""
+    import signal
+    import time
+
+    if resume:
+        if run_dir is None:
+            fail("--resume needs --run-dir DIR (the run to continue)")
+        if config is not None:
+            fail("--resume reads the run's own config.yaml; drop --config (use --set for capacity changes)")
+        cfg = _resume_config(run_dir, sets)
+    else:
+        cfg = resolve_config(config, sets)
+        if run_dir is None:
+            run_dir = Path("runs") / (cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    assert run_dir is not None
+    from vgrpo.policy import ModelPathError, resolve_model_path
+
+    try:
+        resolve_model_path(cfg.model.path)
+    except ModelPathError as e:
+        fail(str(e))
+
+    def _interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    from vgrpo.driver import TrainingError, train
+
+    try:
+        last = train(cfg, run_dir, address=address, resume=resume)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except TrainingError as e:
+        fail(str(e), code=1)
+    typer.echo(f"done: {last} steps; run directory {run_dir}")
+
+
+@app.command("serve-rewards")
+def serve_rewards_cmd(
+    config: Path | None = CONFIG_OPT,
+    sets: list[str] | None = SET_OPT,
+    rewards: str | None = typer.Option(
+        None,
+        "--rewards",
+        "-r",
+        metavar="NAME[,NAME]",
+        help="rewards to serve (default: the keys of reward.weights); served rewards not in weights weigh 1",
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="interface to listen on (0.0.0.0 exposes it to the network)"
+    ),
+    port: int = typer.Option(8000, "--port", "-p", min=1, max=65535, help="HTTP port"),
+) -> None:
+    """Run the reward servers alone behind HTTP `POST /score` (Ray Serve), for other trainers or a shared
+    reward tier. Joins RAY_ADDRESS if set, else starts a local Ray; SIGTERM or Ctrl-C stops everything."""
+    cfg = resolve_config(config, sets)
+    from vgrpo.reward_servers.serve import serve_forever
+
+    names = [r.strip() for r in rewards.split(",") if r.strip()] if rewards else None
+
+    def log(message: str) -> None:
+        typer.echo(message, err=message.startswith(("error", "warning")))
+
+    raise typer.Exit(serve_forever(cfg.reward, names, host, port, log))
 
 
 def main() -> None:

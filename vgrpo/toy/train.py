@@ -10,7 +10,7 @@ import torch
 
 from vgrpo.learner.objectives import Objective, TrainBatch, build_objective
 from vgrpo.proto.config import AlgorithmConfig
-from vgrpo.rollout_workers.samplers import ode_sample, sd3_sigmas, sde_step_with_logprob
+from vgrpo.rollout_workers.samplers import ode_sample, sd3_sigmas, sde_sample
 from vgrpo.toy.world import ToyPolicy, ToyWorld, pretrained_model
 
 # Learning rates for the toy, per objective: each objective's loss has its own scale (NFT's is multiplied
@@ -59,19 +59,7 @@ def rollout(
     with torch.no_grad():
         if objective.sampler == "dpm2":
             return ode_sample(v_fn, x, sigmas, "dpm2"), None, None
-        traj, logps = [x], []
-        for i in range(len(sigmas) - 1):
-            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = v_fn(x, torch.full((len(x),), s))
-            if s_next == 0.0:  # the last step is deterministic: the SDE std would be 0
-                x, logp = x - s * v, torch.zeros(len(x))
-            else:
-                x, logp, _, _ = sde_step_with_logprob(
-                    x, v, s, s_next, float(sigmas[1]), noise_level, generator=gen
-                )
-            traj.append(x)
-            logps.append(logp)
-        return x, torch.stack(traj, 1), torch.stack(logps, 1)
+        return sde_sample(v_fn, x, sigmas, noise_level, generator=gen)
 
 
 def eval_reward(policy: ToyPolicy, world: ToyWorld, sigmas: torch.Tensor, n: int = 512) -> float:

@@ -1,0 +1,50 @@
+"""The GenEval-Shapes reward (GENEVAL_SHAPES.md): the programmatic detector + GenEval's rules. `value`
+is the training reward (the fraction of the prompt's clauses that hold); `details` carries the binary
+evaluation `score`, each clause's outcome and the detections."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+
+from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.shapes.detector import detect
+from vgrpo.shapes.prompts import PromptError, parse_prompt
+from vgrpo.shapes.reward import evaluate
+from vgrpo.shapes.spec import REFERENCE_SIZE
+
+
+class ShapesReward(Reward):
+    """Scores images of any size against GenEval-Shapes prompts (images are resized to `size` first)."""
+
+    name = "shapes"
+
+    def __init__(self, size: int = REFERENCE_SIZE) -> None:
+        if not isinstance(size, int) or size < 16:
+            raise ValueError(
+                f"shapes reward option size={size!r}: want an int >= 16 (the spec image size, 64)"
+            )
+        self.size = size
+
+    def score(
+        self, images: list[np.ndarray], prompts: list[str], metadata: list[dict] | None = None
+    ) -> list[ScoredItem]:
+        self.check_batch(images, prompts, metadata)
+        out = []
+        for image, prompt in zip(images, prompts, strict=True):
+            try:
+                parsed = parse_prompt(prompt)
+            except PromptError as e:
+                out.append(ScoredItem(None, error=str(e)))
+                continue
+            dets = detect(image, self.size)
+            verdict = evaluate(parsed, dets)
+            details = {
+                "score": verdict.score,
+                "family": verdict.family,
+                "clauses": verdict.to_dict()["clauses"],
+                "detections": [asdict(d) for d in dets],
+            }
+            out.append(ScoredItem(verdict.reward, details=details))
+        return out

@@ -1,0 +1,154 @@
+"""The rollout engine: holds policy version v_k, samples G images per prompt, applies weight updates.
+
+Plain torch, no Ray: the Ray actor (``rollout_workers/actor.py``) is a thin shell around it, so the same
+code can be timed in-process on a GPU machine without Ray.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Literal, cast
+
+import torch
+
+from vgrpo import policy as P
+from vgrpo.adapters import add_lora, load_weights
+from vgrpo.proto.config import ModelConfig, RolloutConfig
+from vgrpo.rollout_workers.samplers import apply_cfg, ode_sample, sd3_sigmas, sde_sample
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class RolloutEngine:
+    """One inference device's policy. ``sample`` and ``update_weights`` are serialised by a lock, so no
+    batch ever mixes two versions (and a Ray actor runs one method at a time anyway)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        rollout: RolloutConfig,
+        sampler: Literal["dpm2", "euler", "sde"],
+        noise_level: float = 0.7,
+        seed: int = 0,
+        device: str | None = None,
+    ):
+        self.model_cfg, self.cfg, self.sampler, self.noise_level = model, rollout, sampler, noise_level
+        self.device = torch.device(device) if device else default_device()
+        self.dtype = resolve_dtype(model.dtype, self.device)
+        self.pipe: Any = cast(Any, P.load_pipeline(model.path, dtype=self.dtype, device=self.device))
+        self.pipe.transformer.requires_grad_(False)
+        if model.lora is not None:
+            add_lora(self.pipe.transformer, model.lora, seed=seed)
+            self.pipe.transformer.requires_grad_(False)
+        self.version = 0
+        self._lock = threading.Lock()
+        shift = (
+            rollout.shift
+            if rollout.shift is not None
+            else float(self.pipe.scheduler.config.get("shift", 1.0))
+        )
+        self.shift = shift
+        self.sigmas = sd3_sigmas(rollout.num_steps, shift=shift)
+
+    # ------------------------------------------------------------------------------------ weights
+
+    def update_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
+        """Apply a published update atomically (under the sampling lock) and adopt its version."""
+        with self._lock:
+            load_weights(self.pipe.transformer, state)
+            self.version = int(version)
+        return self.version
+
+    def get_version(self) -> int:
+        return self.version
+
+    # ------------------------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], group_size: int, seeds: list[int]) -> dict[str, Any]:
+        """G images for each prompt (image j of prompt i at index i*G + j, its noise from seeds[i*G + j]).
+
+        Returns numpy arrays: ``latents`` (B, C, h, w) float32 final samples, ``images`` (B, H, W, 3)
+        uint8, ``prompt_embeds`` (P, L, D) and ``pooled`` (P, Dp) per prompt, and for the SDE sampler
+        ``trajectory`` (B, N+1, C, h, w) and ``logp`` (B, N); plus ``policy_version`` and ``seconds``."""
+        n = len(prompts) * group_size
+        if len(seeds) != n:
+            raise ValueError(
+                f"sample: {len(prompts)} prompts x G={group_size} needs {n} seeds, got {len(seeds)}"
+            )
+        with self._lock:
+            t0 = time.perf_counter()
+            version = self.version
+            pipe = self.pipe
+            embeds_pld, pooled_pd = P.encode_prompts(pipe, prompts, self.model_cfg.max_sequence_length)
+            index_b = torch.arange(len(prompts)).repeat_interleave(group_size)
+            height, width = P.native_size(pipe)
+            height, width = self.cfg.height or height, self.cfg.width or width
+            scale = int(pipe.vae_scale_factor)
+            shape_chw = (int(pipe.transformer.config.in_channels), height // scale, width // scale)
+            out: dict[str, list[torch.Tensor]] = {"latents": [], "trajectory": [], "logp": []}
+            gen = torch.Generator().manual_seed(int(seeds[0]) + 1)  # SDE noise, deterministic per batch
+            for lo in range(0, n, self.cfg.batch_size):
+                idx = index_b[lo : lo + self.cfg.batch_size]
+                x1 = P.initial_noise(list(seeds[lo : lo + len(idx)]), shape_chw).to(self.device)
+                v_fn = self._velocity_fn(embeds_pld[idx], pooled_pd[idx])
+                if self.sampler == "sde":
+                    x0, traj, logp = sde_sample(v_fn, x1, self.sigmas, self.noise_level, generator=gen)
+                    out["trajectory"].append(traj.cpu())
+                    out["logp"].append(logp.cpu())
+                else:
+                    x0 = ode_sample(v_fn, x1, self.sigmas, solver=self.sampler)
+                out["latents"].append(x0.float().cpu())
+            latents = torch.cat(out["latents"])
+            images = P.decode_latents(pipe.vae, latents)
+            result: dict[str, Any] = {
+                "latents": latents.numpy(),
+                "images": images,
+                "prompt_embeds": embeds_pld.float().cpu().numpy(),
+                "pooled": pooled_pd.float().cpu().numpy(),
+                "sigmas": self.sigmas.numpy(),
+                "shift": self.shift,
+                "policy_version": version,
+                "seconds": time.perf_counter() - t0,
+            }
+            if self.sampler == "sde":
+                result["trajectory"] = torch.cat(out["trajectory"]).numpy()
+                result["logp"] = torch.cat(out["logp"]).numpy()
+            return result
+
+    def _velocity_fn(self, embeds_bld: torch.Tensor, pooled_bd: torch.Tensor):
+        transformer, w = self.pipe.transformer, self.cfg.guidance_scale
+        if w == 1.0:
+            return lambda x, s: P.velocity(transformer, x, s, embeds_bld, pooled_bd).float()
+        empty_ld, empty_pooled = P.empty_prompt_embeds(self.pipe)
+        b = embeds_bld.shape[0]
+        embeds_2b = torch.cat([empty_ld.expand(b, -1, -1), embeds_bld])
+        pooled_2b = torch.cat([empty_pooled.expand(b, -1), pooled_bd])
+
+        def v_cfg(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            v_u, v_c = (
+                P.velocity(transformer, torch.cat([x, x]), s.repeat(2), embeds_2b, pooled_2b).float().chunk(2)
+            )
+            return apply_cfg(v_u, v_c, w)
+
+        return v_cfg
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self, rows: list[dict], **kwargs: Any) -> dict:
+        """Held-out evaluation with this worker's current weights (GenEval-style table as a dict)."""
+        from vgrpo.evaluate import evaluate_policy
+
+        with self._lock:
+            result = evaluate_policy(self.pipe, rows, **kwargs)
+            result["policy_version"] = self.version
+            return result

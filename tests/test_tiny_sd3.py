@@ -1,0 +1,139 @@
+"""The shipped tiny SD3 pipeline and the policy functions every role shares (vgrpo.policy)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vgrpo import policy
+from vgrpo.tiny_sd3 import GRAMMAR_WORDS, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return policy.load_pipeline(policy.BUILTIN_TINY)
+
+
+def test_shipped_folder_loads_with_plain_diffusers_and_generates_64px():
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = policy.resolve_model_path(policy.BUILTIN_TINY)
+    p = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    p.set_progress_bar_config(disable=True)
+    out = p(
+        prompt=["a photo of a red circle", "a photo of a square and a ring"],
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    images = np.asarray(out.images)
+    assert images.shape == (2, 64, 64, 3)
+    assert np.isfinite(images).all()
+    assert images.std() > 0.01  # not a blank canvas
+
+
+def test_tokenizer_eos_matches_both_encoders_and_grammar_words_are_single_tokens(pipe):
+    for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        assert tok.eos_token_id == enc.config.eos_token_id
+        assert tok.bos_token_id == enc.config.bos_token_id
+        ids = tok("a photo of an orange triangle and a purple diamond", padding="max_length").input_ids
+        assert len(ids) == tok.model_max_length <= enc.config.max_position_embeddings
+        assert ids[0] == tok.bos_token_id and ids[11] == tok.eos_token_id  # 10 words, one token each
+    for word in GRAMMAR_WORDS:
+        assert len(pipe.tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    # the code that builds the tokenizer still builds the shipped one
+    rebuilt = build_tokenizer()
+    text = "a photo of three crosses left of a white ring"
+    assert rebuilt(text).input_ids == pipe.tokenizer(text).input_ids
+
+
+def test_sample_is_deterministic_per_seed_and_independent_of_batch(pipe):
+    prompts = ["a photo of a blue square", "a photo of two rings", "a photo of a circle above a cross"]
+    lat_a, img_a = policy.sample(pipe, prompts, [11, 12, 13], num_steps=4)
+    lat_b, img_b = policy.sample(pipe, prompts, [11, 12, 13], num_steps=4)
+    assert lat_a.shape == (3, 4, 16, 16) and img_a.shape == (3, 64, 64, 3) and img_a.dtype == np.uint8
+    assert torch.equal(lat_a, lat_b) and np.array_equal(img_a, img_b)
+    lat_alone, _ = policy.sample(pipe, prompts[1:2], [12], num_steps=4)
+    torch.testing.assert_close(lat_alone[0], lat_a[1], atol=1e-4, rtol=1e-4)
+    lat_other, _ = policy.sample(pipe, prompts[1:2], [99], num_steps=4)
+    assert (lat_other[0] - lat_a[1]).abs().mean() > 0.1  # another seed, another image
+
+
+def test_cfg_changes_the_sample_and_w1_is_plain_conditional(pipe):
+    prompts = ["a photo of a green triangle"]
+    lat_1, _ = policy.sample(pipe, prompts, [3], num_steps=3, guidance_scale=1.0)
+    lat_3, _ = policy.sample(pipe, prompts, [3], num_steps=3, guidance_scale=3.0)
+    assert (lat_1 - lat_3).abs().mean() > 1e-3
+
+
+def test_encode_decode_round_trip_keeps_a_rendered_scene(pipe):
+    from vgrpo.shapes.render import random_scene, render_scene
+
+    rng = np.random.default_rng(0)
+    images = np.stack([render_scene(random_scene(rng, 2, 64)) for _ in range(4)])
+    with torch.no_grad():
+        latents_bchw = policy.encode_images(pipe.vae, images)
+        recon = policy.decode_latents(pipe.vae, latents_bchw)
+    assert latents_bchw.shape == (4, 4, 16, 16)
+    # SD3 normalisation: latents roughly zero-mean, unit-scale
+    assert abs(float(latents_bchw.mean())) < 0.5 and 0.5 < float(latents_bchw.std()) < 2.0
+    err = np.abs(recon.astype(np.float32) - images.astype(np.float32))
+    assert recon.shape == images.shape and err.mean() < 4.0, err.mean()
+
+
+def test_velocity_feeds_1000_sigma(pipe):
+    x = torch.randn(2, 4, 16, 16)
+    embeds, pooled = policy.encode_prompts(pipe, ["a photo of a ring", "a photo of a ring"])
+    with torch.no_grad():
+        v = policy.velocity(pipe.transformer, x, torch.tensor([0.3, 0.3]), embeds, pooled)
+        ref = pipe.transformer(
+            hidden_states=x,
+            timestep=torch.tensor([300.0, 300.0]),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+    torch.testing.assert_close(v, ref)
+
+
+def test_missing_local_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(policy.ModelPathError, match=r"model\.path"):
+        policy.resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(policy.ModelPathError, match=r"model_index\.json"):
+        policy.resolve_model_path(str(tmp_path))
+    assert policy.resolve_model_path("stabilityai/stable-diffusion-3.5-medium") == (
+        "stabilityai/stable-diffusion-3.5-medium"
+    )
+
+
+def test_eval_cli_writes_overall_and_families(tmp_path):
+    from typer.testing import CliRunner
+
+    from vgrpo.cli import app
+
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            "builtin:tiny-sd3",
+            "--max-prompts",
+            "3",
+            "--images-per-prompt",
+            "2",
+            "--num-steps",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert 0.0 <= data["overall"] <= 1.0
+    assert data["families"] and all(0.0 <= v <= 1.0 for v in data["families"].values())
+    assert data["num_images"] == 6 and len(data["prompts"]) == 3
+    assert data["overall"] == pytest.approx(np.mean(list(data["families"].values())))

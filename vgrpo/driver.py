@@ -1,0 +1,623 @@
+"""``vgrpo train``: the driver. It owns the loop, the run directory, metrics and checkpoints.
+
+    prompts (PromptSource) ─┐
+                            ▼
+      RolloutWorker × R  ── images, final latents, prompt embeddings, seeds, policy version ──┐
+        (holds v_k)                                                                            ▼
+            ▲                                                          reward servers (Ray Serve, batched)
+            │ update_weights(v_k+1)                                                            │
+            │                                                        rewards → group advantages│
+      Learner × L (DeepSpeed ZeRO group) ◀──────── batch shards (whole prompt groups) ─────────┘
+        objective: V-GRPO | DGPO | Flow-GRPO | DiffusionNFT
+
+Bounded staleness: with ``train.max_staleness >= 1`` the rollout of step k+1 is launched before the
+update of step k, so sampling overlaps reward scoring and learning; a rollout whose policy version lags
+the learner by more than the bound is never trained on. Versions: the starting policy is 0, step N
+publishes version N; ``staleness`` = (N - 1) - (the oldest version that sampled step N's batch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vgrpo.proto.config import RunConfig, dump_config
+from vgrpo.proto.messages import PromptItem
+
+log = logging.getLogger("vgrpo")
+
+
+class TrainingError(RuntimeError):
+    """A failure of one role, with the role named; the run stops with this message."""
+
+
+@dataclass
+class PendingRollout:
+    step: int
+    prompts: list[PromptItem]
+    seeds: list[int]
+    refs: list[Any]  # one ObjectRef per worker
+    slices: list[tuple[int, int]]  # prompt range [lo, hi) of each worker
+    launched: float = field(default_factory=time.perf_counter)
+
+
+# ----------------------------------------------------------------------------------------------- run dir
+
+
+class RunDir:
+    """The run directory of DESIGN.md: config.yaml, metrics.jsonl, checkpoints/, samples/, tb/, report.html."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.checkpoints = root / "checkpoints"
+        self.samples = root / "samples"
+        root.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        self.samples.mkdir(exist_ok=True)
+        self.metrics_path = root / "metrics.jsonl"
+
+    def write_config(self, cfg: RunConfig) -> None:
+        tmp = self.root / "config.yaml.tmp"
+        tmp.write_text(dump_config(cfg))
+        os.replace(tmp, self.root / "config.yaml")
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Keep metric lines of steps <= last_step only (a resumed run continues with no duplicate)."""
+        if not self.metrics_path.exists():
+            return
+        keep = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step
+        ]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    def checkpoint_dirs(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first (a complete one has driver_state.json; partial ones are
+        written under a .tmp name and never match)."""
+        out = []
+        for p in self.checkpoints.iterdir():
+            if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
+                if (p / "driver_state.json").is_file():
+                    out.append((int(p.name[5:]), p))
+                else:
+                    log.warning("skipping incomplete checkpoint %s", p)
+        return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def derive_seeds(seed: int, step: int, n: int) -> list[int]:
+    """Noise seeds of a step's images: a pure function of (train.seed, step), so a resumed run redraws the
+    same noise as an uninterrupted one."""
+    rng = np.random.default_rng([seed, step, 0xA11CE])
+    return [int(x) for x in rng.integers(0, 2**31 - 1, size=n)]
+
+
+def check_staleness(versions: list[int], step: int, max_staleness: int) -> int:
+    """The step's staleness, (step - 1) - oldest sampling version; a batch that mixes versions or lags more
+    than ``max_staleness`` is refused (never trained on)."""
+    staleness = (step - 1) - min(versions)
+    if len(set(versions)) > 1:
+        raise TrainingError(f"step {step}: the rollout batch mixes policy versions {sorted(set(versions))}")
+    if staleness > max_staleness or staleness < 0:
+        raise TrainingError(
+            f"step {step}: rollouts of version {min(versions)} are {staleness} versions behind the learner "
+            f"(version {step - 1}); train.max_staleness = {max_staleness}"
+        )
+    return staleness
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering range(n) in ``parts`` near-equal contiguous pieces (some may be empty)."""
+    base, extra = divmod(n, parts)
+    out, lo = [], 0
+    for i in range(parts):
+        hi = lo + base + (1 if i < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def image_grid(images_bhwc: np.ndarray, columns: int) -> np.ndarray:
+    b, h, w, c = images_bhwc.shape
+    rows = math.ceil(b / columns)
+    grid = np.full((rows * h, columns * w, c), 255, dtype=np.uint8)
+    for k in range(b):
+        r, col = divmod(k, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = images_bhwc[k]
+    return grid
+
+
+class Progress:
+    """A live line (rich) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, mode: str, total: int, start: int):
+        self.live = mode == "rich" or (mode == "auto" and sys.stderr.isatty())
+        self.off = mode == "off"
+        self.total = total
+        self._bar: Any = None
+        if self.live and not self.off:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=False,
+            )
+            self._task = self._bar.add_task("train", total=total, completed=start, info="starting")
+            self._bar.start()
+
+    def update(self, row: dict[str, Any]) -> None:
+        info = (
+            f"reward {row['reward_mean']:.3f} | loss {row['loss']:+.4f} | {row['images_per_s']:.1f} img/s"
+            f" | stale {row['staleness']}"
+        )
+        if "eval/overall" in row:
+            info += f" | eval {row['eval/overall']:.3f}"
+        if self.off:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=row["step"], info=info)
+        else:
+            print(f"step {row['step']}/{self.total} | {info}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# ----------------------------------------------------------------------------------------------- roles
+
+
+class Roles:
+    """The actors of one run: a placement group, R rollout workers, L learner ranks, the reward servers."""
+
+    def __init__(self, cfg: RunConfig, timeout_s: float):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from vgrpo.learner.actor import LearnerActor
+        from vgrpo.learner.objectives import build_objective
+        from vgrpo.reward_servers.serve import RewardClient, deploy_rewards
+        from vgrpo.rollout_workers.actor import RolloutWorker
+
+        self.cfg, self.timeout_s = cfg, timeout_s
+        r, lc = cfg.rollout, cfg.learner
+        bundles = [{"CPU": lc.cpus_per_rank, "GPU": lc.gpus_per_rank} for _ in range(lc.num_ranks)]
+        bundles += [{"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker} for _ in range(r.num_workers)]
+        bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
+        self.pg = placement_group(bundles, strategy=cfg.resources.placement_strategy, name="vgrpo")
+        self.get(self.pg.ready(), "placement group (resources: " + json.dumps(bundles) + ")")
+
+        def at(i: int) -> PlacementGroupSchedulingStrategy:
+            return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
+
+        self.objective = build_objective(cfg.algorithm)
+        threads = cfg.resources.torch_threads
+        self.learners = [
+            LearnerActor.options(
+                num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank, scheduling_strategy=at(i), name=None
+            ).remote(
+                cfg.model,
+                lc,
+                cfg.algorithm,
+                r,
+                rank=i,
+                world_size=lc.num_ranks,
+                total_steps=cfg.train.steps,
+                seed=cfg.train.seed,
+                threads=threads,
+            )
+            for i in range(lc.num_ranks)
+        ]
+        noise = float(getattr(cfg.algorithm.params(), "noise_level", 0.7))
+        self.workers = [
+            RolloutWorker.options(
+                num_cpus=r.cpus_per_worker,
+                num_gpus=r.gpus_per_worker,
+                scheduling_strategy=at(lc.num_ranks + i),
+            ).remote(cfg.model, r, cfg.sampler(), noise_level=noise, seed=cfg.train.seed, threads=threads)
+            for i in range(r.num_workers)
+        ]
+        addr, port = self.get(self.learners[0].rendezvous_address.remote(), "learner rank 0 (start-up)")
+        infos = self.get(
+            [lrn.init_distributed.remote(addr, port) for lrn in self.learners],
+            "learner group (DeepSpeed initialisation)",
+        )
+        self.learner_info = infos[0]
+        self.get([w.ready.remote() for w in self.workers], "rollout workers (loading the policy)")
+        handles = deploy_rewards(cfg.reward)
+        self.rewards = RewardClient(handles, cfg.reward)
+
+    def get(self, refs: Any, role: str, timeout: float | None = None) -> Any:
+        """ray.get with a timeout; the first actor error surfaces with the role that raised it."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:
+            return ray.get(refs, timeout=timeout or self.timeout_s)
+        except GetTimeoutError:
+            raise TrainingError(
+                f"{role}: no answer within {timeout or self.timeout_s:.0f} s (train.timeout_s)"
+            ) from None
+        except RayTaskError as e:
+            raise TrainingError(f"{role} failed:\n{e}") from None
+        except RayActorError as e:
+            raise TrainingError(f"{role}: the actor died ({e.__class__.__name__}): {e}") from None
+
+    def stop(self) -> None:
+        import ray
+
+        from vgrpo.reward_servers.serve import shutdown_rewards
+
+        try:
+            shutdown_rewards()
+        except Exception as e:  # shutting down: report, do not mask the run's own outcome
+            log.warning("reward servers did not shut down cleanly: %s", e)
+        for a in self.workers + self.learners:
+            ray.kill(a)
+        ray.util.remove_placement_group(self.pg)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run: RunDir):
+        self.cfg, self.run = cfg, run
+        from vgrpo.data import PromptSource
+
+        self.source = PromptSource.from_spec(
+            cfg.data.train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle
+        )
+        self.step = 0
+        self.version = 0
+        self.pending: deque[PendingRollout] = deque()
+        self.tb: Any = None
+
+    # --- rollout ---------------------------------------------------------------------------------
+
+    def launch(self, roles: Roles, step: int) -> PendingRollout:
+        r = self.cfg.rollout
+        prompts = self.source.next(r.prompts_per_step)
+        seeds = derive_seeds(self.cfg.train.seed, step, len(prompts) * r.group_size)
+        slices = [s for s in split_evenly(len(prompts), len(roles.workers))]
+        refs = []
+        for w, (lo, hi) in zip(roles.workers, slices, strict=True):
+            if hi > lo:
+                refs.append(
+                    w.sample.remote(
+                        [p.prompt for p in prompts[lo:hi]],
+                        r.group_size,
+                        seeds[lo * r.group_size : hi * r.group_size],
+                    )
+                )
+            else:
+                refs.append(None)
+        return PendingRollout(step, prompts, seeds, refs, slices)
+
+    def collect(self, roles: Roles, pending: PendingRollout) -> dict[str, Any]:
+        parts = roles.get([ref for ref in pending.refs if ref is not None], "rollout workers (sampling)")
+        cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
+        batch: dict[str, Any] = {k: cat(k) for k in ("latents", "images", "prompt_embeds", "pooled")}
+        if "trajectory" in parts[0]:
+            batch["trajectory"], batch["logp"] = cat("trajectory"), cat("logp")
+        batch["versions"] = [p["policy_version"] for p in parts]
+        batch["sigmas"], batch["shift"] = parts[0]["sigmas"], parts[0]["shift"]
+        batch["sample_seconds"] = max(p["seconds"] for p in parts)
+        return batch
+
+    # --- one step ----------------------------------------------------------------------------------
+
+    def train_step(self, roles: Roles, step: int) -> dict[str, Any]:
+        cfg, r = self.cfg, self.cfg.rollout
+        t_step = time.perf_counter()
+        if not self.pending:
+            self.pending.append(self.launch(roles, step))
+        pending = self.pending.popleft()
+        t0 = time.perf_counter()
+        batch = self.collect(roles, pending)
+        t_rollout = time.perf_counter() - t0
+        staleness = check_staleness(batch["versions"], step, cfg.train.max_staleness)
+        oldest = min(batch["versions"])
+        # the overlap: the next step's rollout runs on the workers while this step scores and learns
+        if cfg.train.max_staleness >= 1 and step < cfg.train.steps:
+            self.pending.append(self.launch(roles, step + 1))
+
+        t0 = time.perf_counter()
+        prompts = [p.prompt for p in pending.prompts for _ in range(r.group_size)]
+        metadata = [p.metadata for p in pending.prompts for _ in range(r.group_size)]
+        scores = roles.rewards.score(batch["images"], prompts, metadata)
+        t_reward = time.perf_counter() - t0
+
+        import torch
+
+        group_b = np.repeat(np.arange(len(pending.prompts)), r.group_size)
+        adv_b, adv_stats = roles.objective.advantages(torch.as_tensor(scores.total), torch.as_tensor(group_b))
+        t0 = time.perf_counter()
+        embeds = np.repeat(batch["prompt_embeds"], r.group_size, axis=0)
+        pooled = np.repeat(batch["pooled"], r.group_size, axis=0)
+        shards = []
+        for lo, hi in split_evenly(len(pending.prompts), len(roles.learners)):
+            sl = slice(lo * r.group_size, hi * r.group_size)
+            shard = {
+                "latents": batch["latents"][sl],
+                "prompt_embeds": embeds[sl],
+                "pooled": pooled[sl],
+                "group_ids": group_b[sl],
+                "advantages": adv_b.numpy()[sl],
+                "sigmas": batch["sigmas"],
+                "shift": batch["shift"],
+                "policy_version": oldest,
+                "trajectory": batch["trajectory"][sl] if "trajectory" in batch else None,
+                "logp": batch["logp"][sl] if "logp" in batch else None,
+            }
+            shards.append(shard)
+        results = roles.get(
+            [lrn.train_step.remote(s, step) for lrn, s in zip(roles.learners, shards, strict=True)],
+            "learner (train_step)",
+        )
+        t_learner = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        keep = max(1, cfg.train.max_staleness + 1)
+        states = roles.get([lrn.publish.remote(keep) for lrn in roles.learners], "learner (publish weights)")
+        import ray
+
+        weights_ref = ray.put(states[0])
+        updates = [w.update_weights.remote(step, weights_ref) for w in roles.workers]
+        if cfg.train.max_staleness == 0:
+            roles.get(updates, "rollout workers (update_weights)")
+        t_sync = time.perf_counter() - t0
+        self.version = step
+        n_bytes = sum(int(v.numel()) * v.element_size() for v in states[0].values())
+
+        loss = float(np.mean([res["loss"] for res in results]))
+        n_images = len(prompts)
+        elapsed = time.perf_counter() - t_step
+        row: dict[str, Any] = {
+            "step": step,
+            "policy_version": step,
+            "reward_mean": float(np.mean(scores.total)),
+            "reward_std": float(np.std(scores.total)),
+            "loss": loss,
+            "staleness": int(staleness),
+            "images_per_s": n_images / elapsed,
+            "time/rollout": t_rollout,
+            "time/reward": t_reward,
+            "time/learner": t_learner,
+            "time/weight_sync": t_sync,
+            "time/step": elapsed,
+            "time/sample_compute": float(batch["sample_seconds"]),
+            "grad_norm": float(results[0]["grad_norm"]),
+            "lr": results[0]["lr"],
+            "weight_sync_bytes": n_bytes,
+            "reward_retries": scores.retries,
+            "adv/zero_std_frac": adv_stats["zero_std_frac"],
+        }
+        for name, values in scores.values.items():
+            row[f"reward/{name}"] = float(np.mean(values))
+        for k in results[0]:
+            if k.startswith("learner/"):
+                row[k] = float(np.mean([res.get(k, 0.0) for res in results]))
+        if not math.isfinite(loss):
+            raise TrainingError(f"step {step}: non-finite loss {loss}")
+        self._last_batch = (batch["images"], prompts, scores.total)
+        return row
+
+    # --- outputs -----------------------------------------------------------------------------------
+
+    def save_samples(self, step: int) -> None:
+        from PIL import Image
+
+        images, prompts, rewards = self._last_batch
+        g = self.cfg.rollout.group_size
+        folder = self.run.samples / f"step_{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image_grid(images, columns=g)).save(folder / "grid.png")
+        rows = [
+            {"prompt": prompts[i * g], "rewards": [round(float(x), 4) for x in rewards[i * g : (i + 1) * g]]}
+            for i in range(len(prompts) // g)
+        ]
+        (folder / "samples.json").write_text(json.dumps(rows, indent=1))
+        if self.tb is not None:
+            self.tb.add_image("samples", image_grid(images, columns=g), step, dataformats="HWC")
+
+    def evaluate(self, roles: Roles) -> dict[str, float]:
+        from vgrpo.evaluate import load_prompt_rows
+
+        d, r = self.cfg.data, self.cfg.rollout
+        rows = load_prompt_rows(d.eval_prompts, d.eval_max_prompts)
+        res = roles.get(
+            roles.workers[0].evaluate.remote(
+                rows,
+                images_per_prompt=d.eval_images_per_prompt,
+                seed=self.cfg.train.seed,
+                num_steps=r.num_steps,
+                guidance_scale=r.guidance_scale,
+                sampler="dpm2",
+                shift=r.shift,
+                batch_size=r.batch_size,
+            ),
+            "rollout worker 0 (held-out evaluation)",
+        )
+        out = {"eval/overall": float(res["overall"])}
+        out.update({f"eval/{k}": float(v) for k, v in res["families"].items()})
+        return out
+
+    def checkpoint(self, roles: Roles, step: int) -> Path:
+        """checkpoints/step_N/: learner shards (DeepSpeed), policy.safetensors, driver_state.json. Written
+        under a .tmp name and renamed when complete."""
+        from vgrpo.learner.engine import save_policy_weights
+
+        final = self.run.checkpoints / f"step_{step}"
+        tmp = self.run.checkpoints / f".step_{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        roles.get(
+            [lrn.save_checkpoint.remote(str(tmp / "learner")) for lrn in roles.learners],
+            "learner (save_checkpoint)",
+        )
+        states = roles.get([lrn.get_weights.remote() for lrn in roles.learners], "learner (weights)")
+        save_policy_weights(states[0], tmp / "policy.safetensors", step, self.cfg.model.lora is not None)
+        state = {
+            "step": step,
+            "version": step,
+            "data": self.source.state(),
+            "python_random": repr(random.getstate()),
+            "time": time.time(),
+        }
+        (tmp / "driver_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old_step, path in self.run.checkpoint_dirs()[: -self.cfg.train.keep_checkpoints]:
+            if old_step != step:
+                shutil.rmtree(path, ignore_errors=True)
+        return final
+
+    def restore(self, roles: Roles) -> int:
+        ckpts = self.run.checkpoint_dirs()
+        if not ckpts:
+            return 0
+        step, path = ckpts[-1]
+        state = json.loads((path / "driver_state.json").read_text())
+        roles.get(
+            [lrn.load_checkpoint.remote(str(path / "learner")) for lrn in roles.learners],
+            "learner (load_checkpoint)",
+        )
+        self.source.load_state(state["data"])
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "policy.safetensors"))
+        roles.get(
+            [w.update_weights.remote(step, weights) for w in roles.workers], "rollout workers (restore)"
+        )
+        self.version = step
+        self.run.truncate_metrics(step)
+        return step
+
+    # --- the recipe ---------------------------------------------------------------------------------
+
+    def fit(self, roles: Roles, resume: bool) -> int:
+        cfg = self.cfg
+        start = self.restore(roles) if resume else 0
+        if cfg.observability.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run.root / "tb"), purge_step=start + 1 if start else None)
+        progress = Progress(cfg.observability.progress, cfg.train.steps, start)
+        step = start
+        try:
+            for step in range(start + 1, cfg.train.steps + 1):
+                row = self.train_step(roles, step)  # sample → score → advantages → update → broadcast
+                last = step == cfg.train.steps
+                if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
+                    row.update(self.evaluate(roles))
+                self.run.append_metrics(row)
+                if self.tb is not None:
+                    for k, v in row.items():
+                        if k != "step" and isinstance(v, (int, float)):
+                            self.tb.add_scalar(k, v, step)
+                progress.update(row)
+                if step % cfg.train.samples_every == 0 or last:
+                    self.save_samples(step)
+                if step % cfg.train.checkpoint_every == 0 or last:
+                    self.checkpoint(roles, step)
+                self.step = step
+        except KeyboardInterrupt:
+            progress.close()
+            if self.step > start or resume:
+                path = self.checkpoint(roles, self.step) if self.step > 0 else None
+                print(
+                    f"interrupted: checkpoint saved at {path}; resume with "
+                    f"`vgrpo train --run-dir {self.run.root} --resume`",
+                    file=sys.stderr,
+                )
+            raise
+        finally:
+            progress.close()
+            if self.tb is not None:
+                self.tb.close()
+        return step
+
+
+# ----------------------------------------------------------------------------------------------- entry
+
+
+def start_ray(cfg: RunConfig, address: str | None) -> bool:
+    """Join ``address`` (or RAY_ADDRESS) if given, else start an embedded local Ray. Returns whether this
+    process started the cluster (and so must stop it)."""
+    import ray
+
+    if ray.is_initialized():  # e.g. a test session's cluster: use it, leave it running
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {
+        "env_vars": {
+            "TORCH_EXTENSIONS_DIR": os.environ.get(
+                "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vgrpo-torch-extensions")
+            )
+        }
+    }
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return False
+    ray.init(
+        num_cpus=cfg.resources.num_cpus,
+        num_gpus=cfg.resources.num_gpus,
+        include_dashboard=False,
+        runtime_env=env,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+def train(cfg: RunConfig, run_dir: Path, address: str | None = None, resume: bool = False) -> int:
+    """Run the loop; returns the last completed step. Raises TrainingError / KeyboardInterrupt."""
+    import ray
+
+    from vgrpo.policy import resolve_model_path
+
+    resolve_model_path(cfg.model.path)  # a missing model fails before any Ray session starts
+    run = RunDir(run_dir)
+    run.write_config(cfg)
+    started = start_ray(cfg, address)
+    roles = None
+    try:
+        trainer = Trainer(cfg, run)
+        roles = Roles(cfg, cfg.train.timeout_s)
+        return trainer.fit(roles, resume)
+    finally:
+        if roles is not None:
+            try:
+                roles.stop()
+            except Exception as e:  # already failing or interrupted: report and go on shutting down
+                log.warning("stopping the actors: %s", e)
+        if started:
+            ray.shutdown()

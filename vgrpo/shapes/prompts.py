@@ -1,0 +1,352 @@
+"""GenEval-Shapes prompts (GENEVAL_SHAPES.md "Prompts"): the six GenEval templates, a parser that turns a
+prompt into the clauses the reward checks, random prompts and scenes that satisfy them, and the fixed,
+disjoint training / held-out splits in GenEval's metadata format."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from itertools import combinations, permutations
+from pathlib import Path
+
+import numpy as np
+
+from vgrpo.shapes.render import PlacementCheck, place_objects
+from vgrpo.shapes.spec import (
+    COLORS,
+    COUNTS,
+    FAMILIES,
+    RELATIONS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    plural,
+    relation_direction,
+    scale,
+    with_article,
+)
+
+SPLIT_SEED = 20231017  # GenEval's arXiv date; the splits are a pure function of it
+SPLITS_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes"
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+_PLURAL_TO_SHAPE = {plural(s): s for s in SHAPES}
+_COUNT_WORDS = {v: k for k, v in COUNTS.items()}
+
+
+class PromptError(ValueError):
+    """A prompt outside the GenEval-Shapes vocabulary or templates; the message names the offending word."""
+
+
+@dataclass(frozen=True)
+class Clause:
+    """One checkable statement of a prompt: `present` (at least one `shape`), `count` (exactly `count` of
+    `shape`), `color` (some `shape` coloured `color`) or `relation` (some `shape` is `relation` some
+    `other`)."""
+
+    kind: str
+    shape: str
+    count: int = 1
+    color: str | None = None
+    relation: str | None = None
+    other: str | None = None
+
+    @property
+    def description(self) -> str:
+        if self.kind == "present":
+            return f"{with_article(self.shape)} is present"
+        if self.kind == "count":
+            return f"exactly {self.count} {plural(self.shape)}"
+        if self.kind == "color":
+            return f"{with_article(f'{self.color} {self.shape}')}"
+        return f"{with_article(self.shape)} {self.relation} {with_article(str(self.other))}"
+
+
+@dataclass
+class ParsedPrompt:
+    """A prompt, its GenEval family and its clauses (the training reward is the fraction that hold)."""
+
+    family: str
+    text: str
+    clauses: list[Clause] = field(default_factory=list)
+
+    def metadata(self) -> dict:
+        """The prompt as a row of GenEval's `evaluation_metadata.jsonl` (tag, include, exclude, prompt)."""
+        include: list[dict] = []
+        exclude: list[dict] = []
+        for c in self.clauses:
+            if c.kind == "count":
+                include = [{"class": c.shape, "count": c.count}]
+                exclude = [{"class": c.shape, "count": c.count + 1}]
+            elif c.kind == "color":
+                next(i for i in include if i["class"] == c.shape)["color"] = c.color
+            elif c.kind == "relation":  # GenEval lists the reference object first
+                include = [
+                    {"class": c.other, "count": 1},
+                    {"class": c.shape, "count": 1, "position": [c.relation, 0]},
+                ]
+            elif c.kind == "present" and self.family != "counting":
+                include.append({"class": c.shape, "count": 1})
+        return {"tag": self.family, "include": include, "exclude": exclude, "prompt": self.text}
+
+
+def _unknown(word: str, text: str) -> PromptError:
+    return PromptError(
+        f"unknown word {word!r} in prompt {text!r}; known shapes: {', '.join(SHAPES)}; "
+        f"colours: {', '.join(COLORS)}; counts: {', '.join(COUNTS)}; relations: {', '.join(RELATIONS)}"
+    )
+
+
+_VOCAB = {
+    "a",
+    "an",
+    "photo",
+    "of",
+    "and",
+    "left",
+    "right",
+    "above",
+    "below",
+    *SHAPES,
+    *_PLURAL_TO_SHAPE,
+    *COLORS,
+    *COUNTS,
+}
+
+
+def _noun_phrase(words: list[str], text: str) -> tuple[str, str | None, int | None]:
+    """`a|an [colour] shape` or `count shapes` -> (shape, colour, count or None)."""
+    template = f"prompt {text!r} does not follow a GenEval-Shapes template (e.g. 'a photo of a red circle')"
+    if len(words) < 2:
+        raise PromptError(template)
+    head, rest = words[0], words[1:]
+    if head not in ("a", "an") and head not in COUNTS:
+        raise PromptError(f"{template}: expected 'a', 'an' or a count before {' '.join(rest)!r}")
+    color = None
+    if rest[0] in COLORS and len(rest) == 2:
+        color, rest = rest[0], rest[1:]
+    if len(rest) != 1 or (rest[0] not in SHAPES and rest[0] not in _PLURAL_TO_SHAPE):
+        raise PromptError(f"{template}: expected a shape, got {' '.join(rest)!r}")
+    shape = _PLURAL_TO_SHAPE.get(rest[0], rest[0])
+    if head in COUNTS:
+        if color is not None:
+            raise PromptError(f"{template}: a counting prompt names no colour")
+        return shape, None, COUNTS[head]
+    return shape, color, None
+
+
+def parse_prompt(text: str) -> ParsedPrompt:
+    """Parses one of the six templates (either article, singular or plural shapes, any case and spacing)
+    into its family and clauses; raises PromptError naming the first word outside the vocabulary."""
+    words = re.sub(r"[.,!]", " ", text.lower()).split()
+    for w in words:
+        if w not in _VOCAB:
+            raise _unknown(w, text)
+    if words[:3] != ["a", "photo", "of"]:
+        raise PromptError(f"prompt {text!r} does not start with 'a photo of' (GenEval's templates all do)")
+    body = words[3:]
+    relation = next((r for r in RELATIONS if f" {r} " in f" {' '.join(body)} "), None)
+    if relation is not None:
+        n = len(relation.split())
+        i = next(j for j in range(len(body)) if body[j : j + n] == relation.split())
+        (s1, c1, k1), (s2, c2, k2) = _noun_phrase(body[:i], text), _noun_phrase(body[i + n :], text)
+        if c1 or c2 or k1 or k2:
+            raise PromptError(f"prompt {text!r}: a position prompt is 'a photo of a SHAPE RELATION a SHAPE'")
+        if s1 == s2:
+            raise PromptError(f"prompt {text!r}: the two shapes of a position prompt must differ")
+        return ParsedPrompt(
+            "position",
+            text,
+            [
+                Clause("present", s1),
+                Clause("present", s2),
+                Clause("relation", s1, relation=relation, other=s2),
+            ],
+        )
+    if "and" in body:
+        i = body.index("and")
+        (s1, c1, k1), (s2, c2, k2) = _noun_phrase(body[:i], text), _noun_phrase(body[i + 1 :], text)
+        if k1 or k2 or (c1 is None) != (c2 is None):
+            raise PromptError(f"prompt {text!r}: two objects take an article each, and a colour each or none")
+        if s1 == s2:
+            raise PromptError(
+                f"prompt {text!r}: the two shapes must differ (GenEval's two_object/color_attr)"
+            )
+        if c1 is None:
+            return ParsedPrompt("two_object", text, [Clause("present", s1), Clause("present", s2)])
+        if c1 == c2:
+            raise PromptError(f"prompt {text!r}: the two colours of a color_attr prompt must differ")
+        clauses = [Clause("present", s1), Clause("present", s2)]
+        return ParsedPrompt(
+            "color_attr", text, [*clauses, Clause("color", s1, color=c1), Clause("color", s2, color=c2)]
+        )
+    shape, color, count = _noun_phrase(body, text)
+    if count is not None:
+        return ParsedPrompt("counting", text, [Clause("present", shape), Clause("count", shape, count=count)])
+    if color is not None:
+        return ParsedPrompt("colors", text, [Clause("present", shape), Clause("color", shape, color=color)])
+    return ParsedPrompt("single_object", text, [Clause("present", shape)])
+
+
+def prompt_text(
+    family: str, shapes: list[str], colors: list[str] | None = None, count: int = 1, relation: str = ""
+) -> str:
+    """The GenEval wording of a prompt (with GenEval's `with_article`)."""
+    c = colors or []
+    if family == "single_object":
+        return f"a photo of {with_article(shapes[0])}"
+    if family == "two_object":
+        return f"a photo of {with_article(shapes[0])} and {with_article(shapes[1])}"
+    if family == "counting":
+        return f"a photo of {_COUNT_WORDS[count]} {plural(shapes[0])}"
+    if family == "colors":
+        return f"a photo of {with_article(f'{c[0]} {shapes[0]}')}"
+    if family == "position":
+        return f"a photo of {with_article(shapes[0])} {relation} {with_article(shapes[1])}"
+    if family == "color_attr":
+        return f"a photo of {with_article(f'{c[0]} {shapes[0]}')} and {with_article(f'{c[1]} {shapes[1]}')}"
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def make_prompt(family: str, rng: np.random.Generator) -> str:
+    """A random prompt of `family` over the whole vocabulary (not restricted to a split)."""
+    s = [str(x) for x in rng.choice(SHAPES, 2, replace=False)]
+    c = [str(x) for x in rng.choice(list(COLORS), 2, replace=False)]
+    return prompt_text(family, s, c, int(rng.choice(list(COUNTS.values()))), str(rng.choice(RELATIONS)))
+
+
+def _relation_is_clear(relation: str, margin: float, size: int) -> PlacementCheck:
+    """A placement check: the candidate (object 1) stands `relation` the first object placed, with GenEval's
+    direction beyond 0.5 + `margin` and the margin-reduced offset >= 2 px, so that the ~1 px by which a
+    detected box can differ from the drawn one cannot flip it."""
+    axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[relation]
+
+    def check(obj: SceneObject, placed: list[SceneObject], index: int) -> bool:
+        if index != 1:
+            return True
+        ref = placed[0]
+        c1, c2 = (obj.cx, obj.cy), (ref.cx, ref.cy)
+        d = relation_direction(c1, (obj.size, obj.size), c2, (ref.size, ref.size))
+        gap = abs(c1[axis] - c2[axis]) - 0.1 * (obj.size + ref.size)
+        return d is not None and sign * d[axis] > 0.5 + margin and gap >= 2 * scale(size)
+
+    return check
+
+
+def scene_for_prompt(
+    prompt: str, rng: np.random.Generator, size: int = 64, max_distractors: int = 1
+) -> Scene:
+    """A random scene that passes `prompt`, plus up to `max_distractors` objects of shapes the prompt does
+    not name (so they cannot break it: none of a counted shape beyond the count, no second instance that
+    could put a relation in doubt under GenEval's every-instance reading)."""
+    p = parse_prompt(prompt)
+    named = [c.shape for c in p.clauses if c.kind == "present"]
+    colours = {c.shape: c.color for c in p.clauses if c.kind == "color"}
+    count = next((c.count for c in p.clauses if c.kind == "count"), 1)
+    palette = list(COLORS)
+    items = [(s, colours.get(s) or str(rng.choice(palette))) for s in named for _ in range(count)]
+    check = None
+    rel = next((c for c in p.clauses if c.kind == "relation"), None)
+    if rel is not None:  # place the reference first, then object 1 where the relation clearly holds
+        items = [(rel.other or "", str(rng.choice(palette))), (rel.shape, str(rng.choice(palette)))]
+        check = _relation_is_clear(str(rel.relation), 0.15, size)
+    others = [s for s in SHAPES if s not in named]
+    for _ in range(int(rng.integers(0, max_distractors + 1))):
+        items.append((str(rng.choice(others)), str(rng.choice(palette))))
+    return Scene(place_objects(rng, items, size, check), size)
+
+
+def violate_prompt(prompt: str, scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """A prompt one word away from `prompt` that `scene` (which passes `prompt`) fails, and the kind of
+    violation: `missing_object` (a shape absent from the scene), `wrong_color` (a colour no instance of that
+    shape has), `wrong_count` or `swapped_relation` (the opposite relation). For tests and benchmarks."""
+    p = parse_prompt(prompt)
+    present = {o.shape for o in scene.objects}
+    named = [c.shape for c in p.clauses if c.kind == "present"]
+    absent = [s for s in SHAPES if s not in present and s not in named]
+    kinds = ["missing_object"] if absent else []
+    if p.family in ("colors", "color_attr"):
+        kinds.append("wrong_color")
+    if p.family == "counting":
+        kinds.append("wrong_count")
+    if p.family == "position":
+        kinds.append("swapped_relation")
+    if not kinds:
+        raise ValueError(f"every shape appears in the scene, so no one-word change of {prompt!r} is false")
+    kind = str(rng.choice(kinds))
+    colours = [c.color or "" for c in p.clauses if c.kind == "color"]
+    count = next((c.count for c in p.clauses if c.kind == "count"), 1)
+    relation = next((str(c.relation) for c in p.clauses if c.kind == "relation"), "")
+    i = int(rng.integers(len(named)))
+    if kind == "missing_object":
+        named[i] = str(rng.choice(absent))
+    elif kind == "wrong_color":
+        i = int(rng.integers(len(colours)))
+        worn = {o.color for o in scene.objects if o.shape == named[i]}
+        colours[i] = str(rng.choice([c for c in COLORS if c not in worn and c not in colours]))
+    elif kind == "wrong_count":
+        count = int(rng.choice([n for n in COUNTS.values() if n != count]))
+    else:
+        relation = OPPOSITE[relation]
+    return prompt_text(p.family, named, colours, count, relation), kind
+
+
+def build_splits(seed: int = SPLIT_SEED) -> dict[str, list[dict]]:
+    """The training and held-out prompt sets, a pure function of `seed`. The held-out split holds
+    combinations never seen in training, as GenEval's test prompts are: an unordered shape pair
+    (two_object), a (shape, count), a (colour, shape), a spatial configuration (`A left of B` and `B right
+    of A` are one configuration) or an unordered pair of (colour, shape) objects (color_attr) belongs to one
+    split only. single_object has only six prompts; all six are held out (the other families teach every
+    shape). Sizes: held-out 6 / 10 / 6 / 20 / 20 / 30 prompts, training 0 / 20 / 12 / 40 / 100 / 250."""
+    rng = np.random.default_rng(seed)
+    train: list[str] = []
+    held: list[str] = []
+
+    def split(combos: list, n_held: int) -> tuple[list, list]:
+        order = rng.permutation(len(combos))
+        return [combos[i] for i in order[:n_held]], [combos[i] for i in order[n_held:]]
+
+    held += [prompt_text("single_object", [s]) for s in SHAPES]
+    h, t = split(list(combinations(SHAPES, 2)), 5)
+    for dst, pairs in ((held, h), (train, t)):
+        dst += [prompt_text("two_object", list(p)) for pair in pairs for p in (pair, pair[::-1])]
+    h, t = split([(s, n) for s in SHAPES for n in COUNTS.values()], 6)
+    for dst, sc in ((held, h), (train, t)):
+        dst += [prompt_text("counting", [s], count=n) for s, n in sc]
+    h, t = split([(c, s) for c in COLORS for s in SHAPES], 20)
+    for dst, cs in ((held, h), (train, t)):
+        dst += [prompt_text("colors", [s], [c]) for c, s in cs]
+    h, t = split([(a, b, ax) for a, b in permutations(SHAPES, 2) for ax in ("left of", "above")], 10)
+    for dst, cfgs in ((held, h), (train, t)):
+        for a, b, rel in cfgs:
+            dst += [
+                prompt_text("position", [a, b], relation=rel),
+                prompt_text("position", [b, a], relation=OPPOSITE[rel]),
+            ]
+    objects = [(c, s) for c in COLORS for s in SHAPES]
+    pairs = [(o1, o2) for o1, o2 in combinations(objects, 2) if o1[0] != o2[0] and o1[1] != o2[1]]
+    h, t = split(pairs, 30)
+    for dst, chosen in ((held, h), (train, t[:250])):
+        for pair in chosen:
+            (c1, s1), (c2, s2) = pair if rng.random() < 0.5 else pair[::-1]
+            dst.append(prompt_text("color_attr", [s1, s2], [c1, c2]))
+    return {
+        name: [parse_prompt(t).metadata() for t in texts]
+        for name, texts in (("train", train), ("heldout", held))
+    }
+
+
+def write_splits(folder: Path = SPLITS_DIR, seed: int = SPLIT_SEED) -> None:
+    """Regenerates the committed split files `train.jsonl` and `heldout.jsonl`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in build_splits(seed).items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def load_split(name: str) -> list[dict]:
+    """The committed `train` or `heldout` split: rows {"tag", "include", "exclude", "prompt"} as in
+    GenEval's metadata file."""
+    if name not in ("train", "heldout"):
+        raise ValueError(f"unknown split {name!r}; known: train, heldout")
+    path = SPLITS_DIR / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

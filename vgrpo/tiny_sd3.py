@@ -1,0 +1,546 @@
+"""The tiny, genuine SD3 pipeline of the embedded default, and its reproducible pretraining.
+
+Architecture (every part a stock diffusers / transformers class, so any diffusers tool loads it):
+
+    prompt ──CLIPTokenizer (word-level BPE for the GenEval-Shapes grammar, 16 tokens)
+           ├─ CLIPTextModelWithProjection #1  hidden 64, proj 32  ─┐ penultimate states concatenated on
+           └─ CLIPTextModelWithProjection #2  hidden 64, proj 32  ─┘ features (128 = joint_attention_dim);
+                                                                     pooled = [proj1, proj2] (64)
+    image 64×64×3 ──AutoencoderKL (factor 4)──► latent 4×16×16 ──SD3Transformer2DModel (patch 2 → 64
+    tokens, width 96, 4 joint blocks)──► velocity;  FlowMatchEulerDiscreteScheduler (shift 1); no T5.
+
+Pretraining (``pretrain``) has two stages, both seeded:
+
+1. the VAE on rendered GenEval-Shapes scenes: L1 + L2 reconstruction, edge- and object-weighted (flat
+   colour shapes on grey: most pixels are background, the detector lives on edges and interiors), tiny
+   KL; then ``shift_factor``/``scaling_factor`` from the latent statistics (SD3's normalisation);
+2. the transformer and both text encoders with the rectified-flow loss (ALGORITHMS.md §1)
+   ``‖v_θ(x_t, t, c) − (ε − x0)‖²``, ``x_t = (1−t)·x0 + t·ε``, ``t ~ logit-normal`` (SD3), on pairs
+   ``(render(scene_for_prompt(p)), p)`` from the training split, 10 % caption dropout (CFG possible),
+   constant learning rate and an EMA of the weights (the shipped weights are the EMA).
+
+The training mix is deliberately skewed to single-object and colour prompts: the shipped model knows
+shapes and colours but composes poorly (counting, position, attribution), leaving RL headroom as
+SD3.5-Medium leaves on GenEval.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+# The whole vocabulary of GenEval-Shapes prompts (GENEVAL_SHAPES.md "Vocabulary" and the six templates),
+# frozen here because the tokenizer is part of the shipped model.
+SHAPE_WORDS = ("circle", "square", "triangle", "diamond", "cross", "ring")
+COLOR_WORDS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+GRAMMAR_WORDS: tuple[str, ...] = (
+    *("a", "an", "photo", "of", "and", "two", "three", "four", "left", "right", "above", "below"),
+    *SHAPE_WORDS,
+    *("crosses" if s == "cross" else s + "s" for s in SHAPE_WORDS),
+    *COLOR_WORDS,
+)
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+TEXT_MAX_LENGTH = 16  # longest prompt: "a photo of an orange triangle and a purple diamond" = 10 words + 2
+
+IMAGE_SIZE = 64
+LATENT_CHANNELS = 4
+SCHEDULER_SHIFT = 1.0
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``pretrain`` reads; the defaults reproduce the shipped model."""
+
+    seed: int = 0
+    # stage 1: VAE
+    vae_images: int = 8000
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_crop: int = 32  # train on random crops (multiples of the VAE factor), 4x cheaper than 64 px
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    # stage 2: transformer + text encoders
+    flow_pairs: int = 16000
+    flow_steps: int = 2000
+    flow_batch: int = 48
+    flow_lr: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    # prompt-family mix of the training pairs (the headroom knob, see module docstring)
+    family_mix: dict[str, float] = field(
+        default_factory=lambda: {
+            "single_object": 0.25,
+            "colors": 0.35,
+            "two_object": 0.10,
+            "counting": 0.10,
+            "color_attr": 0.10,
+            "position": 0.10,
+        }
+    )
+    checkpoint_every: int = 0  # save the EMA pipeline every N flow steps under out_dir/ckpt_<N> (0: never)
+    # one intra-op thread: measured on the shared 2-core machine, 2 threads ran 4-7x SLOWER than 1 when
+    # another process held a core (oversubscription); None leaves torch's default
+    num_threads: int | None = 1
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (what ByteLevel pre-tokenisation emits)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def _bpe(word: Sequence[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Classic BPE: repeatedly merge the lowest-ranked adjacent pair present."""
+    parts = list(word)
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
+        rank, i = min(pairs)
+        if rank == math.inf:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP byte-level BPE vocabulary in which every grammar word is ONE token (``word</w>``): all 256
+    byte symbols (bare and end-of-word, so any text still tokenises), the two specials, then for each word
+    the merges that build it, appended only where the merges so far do not already produce it (a later
+    merge never changes an earlier word: BPE always applies the lowest-ranked pair present)."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in [*symbols, *(s + "</w>" for s in symbols)]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in GRAMMAR_WORDS:
+        chars = [*word[:-1], word[-1] + "</w>"]
+        parts = _bpe(chars, ranks)
+        while len(parts) > 1:  # merge left to right until the word is one token
+            pair = (parts[0], parts[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            parts = _bpe(chars, ranks)
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    return vocab, merges
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """The offline CLIP tokenizer for the prompt grammar; pad = eos (as SD3's CLIP-L tokenizer)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tokenizer_vocab_and_merges()
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)
+    for word in GRAMMAR_WORDS:
+        ids = tok(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise RuntimeError(f"tokenizer: grammar word {word!r} is {len(ids)} tokens, expected 1")
+    return tok
+
+
+# ------------------------------------------------------------------------------------------ components
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, hidden: int = 64, proj: int = 32, layers: int = 3):
+    """A small ``CLIPTextModelWithProjection`` whose bos/eos/pad ids are the tokenizer's (the pooled
+    output reads the eos position, NOTES-stack.md)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=proj,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def build_vae() -> AutoencoderKL:
+    """64×64×3 <-> 4×16×16 (three blocks: factor 4), no mid-block attention, no quant convs (as SD3)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+
+
+def build_transformer():
+    """SD3's MMDiT at toy size: latent 16×16 (``sample_size`` = 16 so the pipeline's default is 64 px),
+    patch 2 -> 64 image tokens, width 96 (3 heads × 32), 4 joint blocks; the joint text width is the sum
+    of the CLIP hidden sizes and the pooled width the sum of their projections."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 4,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=3,
+        joint_attention_dim=128,
+        caption_projection_dim=96,
+        pooled_projection_dim=64,
+        pos_embed_max_size=8,
+    )
+
+
+def build_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """A randomly initialised tiny SD3 pipeline (T5 omitted)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=build_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT),
+        vae=build_vae(),
+        text_encoder=build_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=build_text_encoder(tokenizer),
+        tokenizer_2=copy.deepcopy(tokenizer),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe: StableDiffusion3Pipeline, out_dir: str | Path) -> None:
+    """``save_pretrained`` as safetensors, T5 slots null (load with ``text_encoder_3=None, tokenizer_3=None``)."""
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def render_scenes(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` random GenEval-Shapes scenes (1–4 objects), uint8 ``(n, 64, 64, 3)``, for the VAE."""
+    from vgrpo.shapes.render import random_scene, render_scene
+
+    out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for i in range(n):
+        out[i] = render_scene(random_scene(rng, int(rng.integers(1, 5)), IMAGE_SIZE))
+    return out
+
+
+def pretraining_prompts() -> dict[str, list[str]]:
+    """The caption pool of pretraining, by family: the training split (GENEVAL_SHAPES.md), plus the six
+    single-object captions. The split holds no single_object prompt (all six are held out, the other
+    families teaching every shape); a base model knowing what "a photo of a circle" is stands in for the
+    web-scale pretraining that lets SD3.5 name single objects (GenEval single_object 0.98). RL trains on
+    the training split only."""
+    from vgrpo.shapes.prompts import load_split, prompt_text
+    from vgrpo.shapes.spec import SHAPES
+
+    pool: dict[str, list[str]] = {"single_object": [prompt_text("single_object", [s]) for s in SHAPES]}
+    for row in load_split("train"):
+        pool.setdefault(row["tag"], []).append(row["prompt"])
+    return pool
+
+
+def make_pairs(
+    n: int, rng: np.random.Generator, family_mix: dict[str, float]
+) -> tuple[list[str], np.ndarray]:
+    """``n`` (prompt, image) pairs: a family drawn by ``family_mix``, a caption of that family from
+    :func:`pretraining_prompts`, and a fresh random scene that passes it (``scene_for_prompt``)."""
+    from vgrpo.shapes.prompts import scene_for_prompt
+    from vgrpo.shapes.render import render_scene
+
+    by_family = pretraining_prompts()
+    families = [f for f in family_mix if by_family.get(f)]
+    p = np.array([family_mix[f] for f in families], dtype=np.float64)
+    p /= p.sum()
+    prompts: list[str] = []
+    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for i in range(n):
+        fam = families[int(rng.choice(len(families), p=p))]
+        prompt = by_family[fam][int(rng.integers(len(by_family[fam])))]
+        prompts.append(prompt)
+        images[i] = render_scene(scene_for_prompt(prompt, rng, size=IMAGE_SIZE))
+    return prompts, images
+
+
+# ----------------------------------------------------------------------------------------- stage 1: VAE
+
+
+def _recon_weights(x_bchw: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weights: 1 on background, 3 inside objects, 6 on edges (any channel changes to a
+    4-neighbour): most of a scene is flat grey, while the detector reads edges (shape) and interiors (colour)."""
+    grey = torch.tensor(128 / 127.5 - 1.0)
+    obj = ((x_bchw - grey).abs().amax(dim=1, keepdim=True) > 0.02).float()
+    dx = (x_bchw[..., :, 1:] - x_bchw[..., :, :-1]).abs().amax(dim=1, keepdim=True) > 0.02
+    dy = (x_bchw[..., 1:, :] - x_bchw[..., :-1, :]).abs().amax(dim=1, keepdim=True) > 0.02
+    edge = torch.zeros_like(obj)
+    edge[..., :, 1:] += dx.float()
+    edge[..., :, :-1] += dx.float()
+    edge[..., 1:, :] += dy.float()
+    edge[..., :-1, :] += dy.float()
+    return 1.0 + 2.0 * obj + 5.0 * (edge > 0).float()
+
+
+def train_vae(
+    vae: AutoencoderKL, images_nhwc: np.ndarray, cfg: PretrainConfig, log: Callable[[str], None]
+) -> None:
+    """Stage 1: weighted L1 + L2 reconstruction through a posterior sample, plus ``kl_weight``·KL."""
+    from vgrpo.policy import images_to_tensor
+
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    t0 = time.perf_counter()
+    for step in range(1, cfg.vae_steps + 1):
+        lr = cfg.vae_lr * min(1.0, step / cfg.warmup_steps) * (0.1 if step > 0.8 * cfg.vae_steps else 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(images_nhwc), (cfg.vae_batch,), generator=gen).numpy()
+        x_bchw = images_to_tensor(images_nhwc[idx])
+        if (
+            cfg.vae_crop < IMAGE_SIZE
+        ):  # the VAE is fully convolutional: crops train it at a fraction of the cost
+            ox, oy = (
+                int(v) for v in torch.randint(0, IMAGE_SIZE - cfg.vae_crop + 1, (2,), generator=gen) // 4 * 4
+            )
+            x_bchw = x_bchw[..., oy : oy + cfg.vae_crop, ox : ox + cfg.vae_crop]
+        dist = vae.encode(x_bchw).latent_dist
+        z_bchw = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        recon_bchw = vae.decode(z_bchw).sample
+        w_b1hw = _recon_weights(x_bchw)
+        err = recon_bchw - x_bchw
+        rec = (w_b1hw * (err.abs() + err.pow(2))).mean()
+        kl = dist.kl().mean() / z_bchw[0].numel()
+        loss = rec + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == 1:
+            log(
+                f"vae step {step}/{cfg.vae_steps} rec {rec.item():.4f} kl {kl.item():.2f} "
+                f"({time.perf_counter() - t0:.0f}s)"
+            )
+    vae.eval()
+
+
+@torch.no_grad()
+def set_latent_normalisation(vae: AutoencoderKL, images_nhwc: np.ndarray, batch: int = 256) -> None:
+    """SD3 normalisation ``(z − shift)·scale`` to zero mean, unit variance over the data's posterior means."""
+    from vgrpo.policy import images_to_tensor
+
+    zs = [
+        vae.encode(images_to_tensor(images_nhwc[i : i + batch])).latent_dist.mean
+        for i in range(0, len(images_nhwc), batch)
+    ]
+    z = torch.cat(zs)
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+
+
+# -------------------------------------------------------------------------------- stage 2: flow matching
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def train_flow(
+    pipe: StableDiffusion3Pipeline,
+    prompts: list[str],
+    latents_nchw: torch.Tensor,
+    cfg: PretrainConfig,
+    log: Callable[[str], None],
+    on_checkpoint: Callable[[int, StableDiffusion3Pipeline], None] | None = None,
+) -> StableDiffusion3Pipeline:
+    """Stage 2: rectified-flow regression (ALGORITHMS.md §1) of the transformer and both text encoders;
+    returns a pipeline holding the EMA weights (the VAE stays frozen)."""
+    from vgrpo.policy import encode_prompts, velocity
+
+    trained = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2])
+    ema_pipe = copy.deepcopy(pipe)
+    ema = torch.nn.ModuleList([ema_pipe.transformer, ema_pipe.text_encoder, ema_pipe.text_encoder_2])
+    ema.requires_grad_(False)
+    trained.train()
+    opt = torch.optim.AdamW(trained.parameters(), lr=cfg.flow_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    t0 = time.perf_counter()
+    running = 0.0
+    for step in range(1, cfg.flow_steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = cfg.flow_lr * min(1.0, step / cfg.warmup_steps)
+        idx = torch.randint(len(prompts), (cfg.flow_batch,), generator=gen)
+        drop = torch.rand(cfg.flow_batch, generator=gen) < cfg.caption_dropout
+        batch_prompts = ["" if d else prompts[int(i)] for i, d in zip(idx, drop, strict=True)]
+        x0_bchw = latents_nchw[idx]
+        eps_bchw = torch.randn(x0_bchw.shape, generator=gen)
+        t_b = torch.sigmoid(torch.randn(cfg.flow_batch, generator=gen))  # SD3's logit-normal(0, 1)
+        t_b4 = t_b.view(-1, 1, 1, 1)
+        xt_bchw = (1 - t_b4) * x0_bchw + t_b4 * eps_bchw
+        embeds_bld, pooled_bd = encode_prompts(pipe, batch_prompts)
+        v_bchw = velocity(pipe.transformer, xt_bchw, t_b, embeds_bld, pooled_bd)
+        loss = F.mse_loss(v_bchw.float(), eps_bchw - x0_bchw)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+        opt.step()
+        _ema_update(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == 1:
+            log(f"flow step {step}/{cfg.flow_steps} loss {running:.4f} ({time.perf_counter() - t0:.0f}s)")
+        if on_checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            on_checkpoint(step, ema_pipe)
+    ema.eval()
+    return ema_pipe
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+
+
+def pretrain_vae(seed: int, cfg: PretrainConfig, log: Callable[[str], None] = print) -> AutoencoderKL:
+    """Stage 1 alone: the seeded VAE of ``build_pipeline(seed)`` trained on its own scene stream, with
+    its latent normalisation set."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    vae = build_pipeline(seed).vae
+    rng = np.random.default_rng([seed, 1])
+    log(f"rendering {cfg.vae_images} scenes for the VAE")
+    images = render_scenes(cfg.vae_images, rng)
+    train_vae(vae, images, cfg, log)
+    set_latent_normalisation(vae, images)
+    vae.requires_grad_(False)
+    return vae
+
+
+def pretrain(
+    out_dir: str | Path,
+    seed: int = 0,
+    config: PretrainConfig | None = None,
+    log: Callable[[str], None] = print,
+    vae_from: str | Path | None = None,
+) -> Path:
+    """Rebuild the shipped tiny model from ``seed``: VAE, then transformer + text encoders; saves the
+    diffusers folder to ``out_dir`` (plus ``pretrain.json`` with the config and timings). ``vae_from``
+    reuses a stage-1 VAE saved by an earlier run with the same seed (each stage has its own RNG streams,
+    so the result is the same as running both)."""
+    from diffusers import AutoencoderKL
+
+    from vgrpo.policy import encode_images
+
+    cfg = copy.deepcopy(config) if config is not None else PretrainConfig()
+    cfg.seed = seed
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    pipe = build_pipeline(seed)
+    if vae_from is not None:
+        pipe.vae = AutoencoderKL.from_pretrained(str(vae_from))
+        pipe.vae.requires_grad_(False)
+        log(f"stage 1 reused from {vae_from}")
+    else:
+        pipe.vae = pretrain_vae(seed, cfg, log)
+    t_vae = time.perf_counter() - t_start
+    log(
+        f"vae done in {t_vae:.0f}s: shift {pipe.vae.config.shift_factor:.4f} scale {pipe.vae.config.scaling_factor:.4f}"
+    )
+
+    log(f"rendering {cfg.flow_pairs} (prompt, image) pairs")
+    prompts, images = make_pairs(cfg.flow_pairs, np.random.default_rng([seed, 2]), cfg.family_mix)
+    with torch.no_grad():
+        latents = torch.cat(
+            [encode_images(pipe.vae, images[i : i + 256]) for i in range(0, len(images), 256)]
+        )
+
+    def checkpoint(step: int, ema_pipe: StableDiffusion3Pipeline) -> None:
+        save_pipeline(ema_pipe, out / f"ckpt_{step}")
+        log(f"checkpoint {out / f'ckpt_{step}'}")
+
+    ema_pipe = train_flow(pipe, prompts, latents, cfg, log, on_checkpoint=checkpoint)
+    save_pipeline(ema_pipe, out)
+    total = time.perf_counter() - t_start
+    (out / "pretrain.json").write_text(
+        json.dumps({"config": asdict(cfg), "vae_s": round(t_vae, 1), "total_s": round(total, 1)}, indent=2)
+    )
+    log(f"saved {out} in {total:.0f}s")
+    return out
+
+
+@torch.no_grad()
+def vae_verdict_preservation(
+    vae: AutoencoderKL, rows: list[dict], scenes_per_prompt: int = 2, seed: int = 0
+) -> dict[str, float]:
+    """How faithful the VAE is to what the detector reads: for random scenes that pass each prompt,
+    the fraction whose verdict (pass/fail under GenEval's rules) survives encode -> decode, and the
+    fraction whose detections (shape, colour multiset) survive exactly."""
+    from vgrpo.policy import decode_latents, encode_images
+    from vgrpo.shapes.detector import detect
+    from vgrpo.shapes.prompts import scene_for_prompt
+    from vgrpo.shapes.render import render_scene
+    from vgrpo.shapes.reward import evaluate
+
+    rng = np.random.default_rng(seed)
+    prompts = [r["prompt"] for r in rows for _ in range(scenes_per_prompt)]
+    images = np.stack([render_scene(scene_for_prompt(p, rng, size=IMAGE_SIZE)) for p in prompts])
+    recon = np.concatenate(
+        [decode_latents(vae, encode_images(vae, images[i : i + 64])) for i in range(0, len(images), 64)]
+    )
+    same_verdict = same_objects = 0
+    for prompt, clean, rec in zip(prompts, images, recon, strict=True):
+        d_clean, d_rec = detect(clean), detect(rec)
+        same_verdict += evaluate(prompt, d_clean).score == evaluate(prompt, d_rec).score
+        same_objects += sorted((d.shape, d.color) for d in d_clean) == sorted(
+            (d.shape, d.color) for d in d_rec
+        )
+    n = len(prompts)
+    return {"verdict_preserved": same_verdict / n, "objects_preserved": same_objects / n, "scenes": n}
