@@ -13,10 +13,11 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from vgrpo.policy import load_pipeline, sample
+from vgrpo.policy import Sampler, load_pipeline, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -27,7 +28,7 @@ PROMPTS = [
 ]
 
 
-def bench(pipe, batch: int, steps: int, sampler: str, guidance: float, repeats: int) -> dict:
+def bench(pipe: Any, batch: int, steps: int, sampler: Sampler, guidance: float, repeats: int) -> dict:
     prompts = [PROMPTS[k % len(PROMPTS)] for k in range(batch)]
     sample(
         pipe, prompts, list(range(batch)), num_steps=steps, sampler=sampler, guidance_scale=guidance
@@ -63,7 +64,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     rows = [
-        bench(pipe, b, s, args.sampler, args.guidance_scale, args.repeats)
+        bench(pipe, b, s, args.sampler, args.guidance_scale, args.repeats)  # type: ignore[arg-type]
         for s in map(int, args.steps.split(","))
         for b in map(int, args.batch_sizes.split(","))
     ]

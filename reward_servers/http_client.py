@@ -96,7 +96,11 @@ def decode_image(data: bytes) -> np.ndarray:
             if im.mode == "F":
                 return to_uint8_rgb(np.asarray(im, dtype=np.float32) / 255.0)
             return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:  # Pillow's UnidentifiedImageError is an OSError
+    except Image.UnidentifiedImageError:
+        raise ImageFormatError(
+            f"not an image Pillow can read (PNG expected; {len(data)} bytes starting {data[:8]!r})"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
         raise ImageFormatError(f"not a readable image ({e})") from e
 
 

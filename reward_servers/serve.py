@@ -483,6 +483,7 @@ class RewardIngress:
 # ----------------------------------------------------------------------------------- deploy / shutdown
 
 _owned_apps: list[str] = []
+_QUIET_LOGS = {"log_level": "WARNING", "enable_access_log": False}  # a server's console: errors only
 _owns_serve = False
 
 
@@ -569,7 +570,7 @@ def _start_serve(http: bool, host: str, port: int, quiet: bool) -> None:
                     f"use --host {cfg.host} --port {cfg.port}, or a cluster without Serve"
                 )
         return
-    logging_config = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
+    logging_config = _QUIET_LOGS if quiet else None
     if http:
         serve.start(
             proxy_location="HeadOnly",
@@ -631,6 +632,7 @@ def deploy_rewards(
     options = {name: _deployment_options(name, reward_cfg.server(name)) for name in names}
     _start_serve(http, host, port, quiet)
     targets, apps = [], {}
+    logs = _QUIET_LOGS if quiet else None
     for name in names:
         cfg = reward_cfg.server(name)
         factory = registry._REGISTERED.get(name)  # plug-ins registered in this process travel along
@@ -639,13 +641,17 @@ def deploy_rewards(
             .options(**options[name])
             .bind(name, dict(cfg.options), cfg.max_batch_size, cfg.batch_wait_timeout_s, factory)
         )
-        targets.append(serve.RunTarget(target=bound, name=app_name(name), route_prefix=None))
+        targets.append(
+            serve.RunTarget(target=bound, name=app_name(name), route_prefix=None, logging_config=logs)
+        )
         apps[name] = (app_name(name), options[name]["name"])
     if http:
         ingress = _as_any(RewardIngress).bind(
             apps, dict(reward_cfg.weights), reward_cfg.timeout_s, reward_cfg.retries
         )
-        targets.append(serve.RunTarget(target=ingress, name=INGRESS_APP, route_prefix="/"))
+        targets.append(
+            serve.RunTarget(target=ingress, name=INGRESS_APP, route_prefix="/", logging_config=logs)
+        )
     _owned_apps.extend(t.name for t in targets if t.name not in _owned_apps)
     handles = serve.run_many(targets, wait_for_applications_running=False)
     _wait_running([t.name for t in targets], timeout_s)
@@ -729,7 +735,12 @@ def serve_forever(
     def on_term(signum: int, frame: Any) -> None:
         raise _Stop()
 
+    def on_int(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, on_term)
+    # explicit, because a shell starting us in the background hands us SIGINT ignored
+    signal.signal(signal.SIGINT, on_int)
     temp_dir = None
     code = 0
     try:

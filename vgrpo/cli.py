@@ -81,8 +81,12 @@ def pretrain_tiny_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option(
-        ..., "--model", help="diffusers pipeline: a local folder, a hub id or builtin:tiny-sd3"
+    model: str | None = typer.Option(
+        None, "--model", help="diffusers pipeline: a local folder, a hub id or builtin:tiny-sd3"
+    ),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="evaluate a training run's policy"),
+    step: int | None = typer.Option(
+        None, "--step", min=0, help="with --run-dir: 0 = the starting policy; default the last checkpoint"
     ),
     benchmark: str = typer.Option("shapes", "--benchmark", help="shapes (the GenEval-Shapes world)"),
     prompts: str = typer.Option(
@@ -123,10 +127,24 @@ def eval_cmd(
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    if (model is None) == (run_dir is None):
+        fail("give exactly one of --model PATH or --run-dir DIR")
+    if step is not None and run_dir is None:
+        fail("--step needs --run-dir")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        pipe = load_pipeline(
-            model, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu"
-        )
+        if run_dir is not None:
+            from vgrpo.checkpoints import RunDirError, load_run_pipeline
+
+            try:
+                pipe, run_cfg, step = load_run_pipeline(run_dir, step, device=device)
+            except RunDirError as e:
+                fail(str(e))
+            model = f"{run_dir} step {step}"
+            r = run_cfg.rollout
+            num_steps, guidance_scale = r.num_steps, r.guidance_scale
+        else:
+            pipe = load_pipeline(str(model), dtype=torch.float32, device=device)
     except ModelPathError as e:
         fail(str(e))
     result = evaluate_policy(
@@ -148,7 +166,7 @@ def eval_cmd(
         typer.echo(f"grid: {grid}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = strip_images(result) | {"model": model, "prompts_file": prompts}
+        payload = strip_images(result) | {"model": model, "prompts_file": prompts, "step": step}
         out.write_text(json.dumps(payload, indent=1))
         typer.echo(f"wrote {out}")
 

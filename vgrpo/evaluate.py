@@ -14,14 +14,11 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from vgrpo.policy import Sampler, sample
-
-if TYPE_CHECKING:
-    from diffusers import StableDiffusion3Pipeline
+from vgrpo.policy import Sampler, StableDiffusion3Pipeline, sample
 
 FAMILY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 BUILTIN_PREFIX = "builtin:shapes/"
@@ -182,7 +179,7 @@ def save_grid(
     draw = ImageDraw.Draw(canvas)
     for k, (image, caption) in enumerate(zip(images_nhwc, captions, strict=True)):
         x, y = (k % columns) * w, (k // columns) * (h + cap_h)
-        canvas.paste(Image.fromarray(image).resize((w, h), Image.NEAREST), (x, y))
+        canvas.paste(Image.fromarray(image).resize((w, h), Image.Resampling.NEAREST), (x, y))
         words, lines, line = caption.removeprefix("a photo of ").split(), [], ""
         for word in words:
             if len(line) + len(word) + 1 > w // 6:

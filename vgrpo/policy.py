@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from vgrpo.rollout_workers.samplers import apply_cfg, ode_sample, sd3_sigmas
 
-if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+# diffusers' lazily imported classes defeat static typing; these aliases name what each argument is
+StableDiffusion3Pipeline = Any  # diffusers.StableDiffusion3Pipeline
+SD3Transformer2DModel = Any  # diffusers.SD3Transformer2DModel
+AutoencoderKL = Any  # diffusers.AutoencoderKL
 
 BUILTIN_TINY = "builtin:tiny-sd3"
 Sampler = Literal["dpm2", "euler"]
@@ -73,7 +75,7 @@ def load_pipeline(
     """``StableDiffusion3Pipeline.from_pretrained`` on the resolved path; a folder without T5 (no
     ``text_encoder_3`` in its model_index.json, or a null entry) is loaded with ``text_encoder_3=None,
     tokenizer_3=None``, which diffusers requires for the omitted slots (NOTES-stack.md)."""
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline as Pipeline
 
     resolved = resolve_model_path(path)
     kwargs: dict = {"dtype": dtype}
@@ -84,7 +86,7 @@ def load_pipeline(
         entry = json.loads(index.read_text()).get("text_encoder_3")
         if entry is None or entry == [None, None]:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    pipe = StableDiffusion3Pipeline.from_pretrained(resolved, **kwargs)
+    pipe = Pipeline.from_pretrained(resolved, **kwargs)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -34,15 +34,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer
+from vgrpo.policy import AutoencoderKL, StableDiffusion3Pipeline
+
+CLIPTokenizer = Any  # transformers.CLIPTokenizer (lazily imported, opaque to mypy)
 
 # The whole vocabulary of GenEval-Shapes prompts (GENEVAL_SHAPES.md "Vocabulary" and the six templates),
 # frozen here because the tokenizer is part of the shipped model.
@@ -158,10 +158,11 @@ def tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]
 
 def build_tokenizer() -> CLIPTokenizer:
     """The offline CLIP tokenizer for the prompt grammar; pad = eos (as SD3's CLIP-L tokenizer)."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer as Tokenizer
 
     vocab, merges = tokenizer_vocab_and_merges()
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)
+    # tokenizers' BPE takes merges as (left, right) tuples (its hint says list[str])
+    tok = Tokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)  # type: ignore[arg-type]
     for word in GRAMMAR_WORDS:
         ids = tok(word, add_special_tokens=False).input_ids
         if len(ids) != 1:
@@ -194,9 +195,9 @@ def build_text_encoder(tokenizer: CLIPTokenizer, hidden: int = 64, proj: int = 3
 
 def build_vae() -> AutoencoderKL:
     """64×64×3 <-> 4×16×16 (three blocks: factor 4), no mid-block attention, no quant convs (as SD3)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL as VAE
 
-    return AutoencoderKL(
+    return VAE(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -237,11 +238,12 @@ def build_transformer():
 
 def build_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """A randomly initialised tiny SD3 pipeline (T5 omitted)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import StableDiffusion3Pipeline as Pipeline
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    pipe = StableDiffusion3Pipeline(
+    pipe: StableDiffusion3Pipeline = Pipeline(
         transformer=build_transformer(),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT),
         vae=build_vae(),
@@ -472,7 +474,7 @@ def pretrain(
     diffusers folder to ``out_dir`` (plus ``pretrain.json`` with the config and timings). ``vae_from``
     reuses a stage-1 VAE saved by an earlier run with the same seed (each stage has its own RNG streams,
     so the result is the same as running both)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL as VAE
 
     from vgrpo.policy import encode_images
 
@@ -485,7 +487,7 @@ def pretrain(
     t_start = time.perf_counter()
     pipe = build_pipeline(seed)
     if vae_from is not None:
-        pipe.vae = AutoencoderKL.from_pretrained(str(vae_from))
+        pipe.vae = VAE.from_pretrained(str(vae_from))
         pipe.vae.requires_grad_(False)
         log(f"stage 1 reused from {vae_from}")
     else:

@@ -1,0 +1,39 @@
+"""Shared test fixtures. `ray_cluster` is the one local Ray of the whole test session: starting Ray costs
+seconds and the CI machine has 2 cores, so every test that needs Ray shares it (and stops only it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+# DeepSpeed compiles its C++ op once per machine into this cache rather than once per test or worker
+# (NOTES-stack.md); set before any Ray worker starts, so that workers inherit it
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vgrpo-torch-extensions"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[dict[str, Any]]:
+    """A local Ray (2 CPUs, no dashboard) with its own temp dir for the whole session; yields the
+    `ray.init` address info. It never joins RAY_ADDRESS (`address="local"`), so a test cannot touch
+    someone else's cluster; the short /tmp path keeps Ray's unix socket paths under the OS limit."""
+    import ray
+
+    if ray.is_initialized():  # a test started its own and left it: not ours to reuse
+        ray.shutdown()
+    temp_dir = tempfile.mkdtemp(prefix="vgrpo-ray-", dir="/tmp")
+    ctx = ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+    )
+    try:
+        yield dict(ctx.address_info)  # type: ignore[attr-defined]  # a RayContext, typed as its base
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,68 @@
+"""Reading a run directory's policies: the starting policy (step 0) or a checkpoint's weights, loaded into
+a diffusers pipeline for evaluation and export."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vgrpo.proto.config import RunConfig, load_config
+
+
+class RunDirError(ValueError):
+    """A run directory or step that cannot be read; the message names the path and the fix."""
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"{path} does not exist; fix: --run-dir must be a directory written by `vgrpo train`")
+    return load_config(path)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps with a complete checkpoint (its driver_state.json written last), ascending."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    steps = []
+    for p in folder.iterdir():
+        m = re.fullmatch(r"step_(\d+)", p.name)
+        if m and (p / "policy.safetensors").is_file() and (p / "driver_state.json").is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def policy_weights(run_dir: Path, step: int | None) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """(step, trainable weights) of ``step`` (None: the last checkpoint; 0: the starting policy -> None)."""
+    from safetensors.torch import load_file
+
+    if step == 0:
+        return 0, None
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise RunDirError(f"{run_dir} has no complete checkpoint; fix: --step 0 evaluates the starting policy")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise RunDirError(f"{run_dir} has no checkpoint of step {step}; available: {steps} (and 0, the start)")
+    return step, load_file(str(run_dir / "checkpoints" / f"step_{step}" / "policy.safetensors"))
+
+
+def load_run_pipeline(run_dir: Path, step: int | None, device: str = "cpu") -> tuple[Any, RunConfig, int]:
+    """The run's pipeline with the policy of ``step`` in it (LoRA added and loaded, or full weights)."""
+    from vgrpo.adapters import add_lora, load_weights
+    from vgrpo.policy import load_pipeline
+
+    cfg = run_config(run_dir)
+    step, weights = policy_weights(run_dir, step)
+    pipe: Any = load_pipeline(cfg.model.path, dtype=torch.float32, device=device)
+    if cfg.model.lora is not None:
+        add_lora(pipe.transformer, cfg.model.lora, seed=cfg.train.seed)
+    if weights is not None:
+        load_weights(pipe.transformer, weights)
+    pipe.transformer.requires_grad_(False)
+    return pipe, cfg, step
