@@ -18,16 +18,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import importlib.util
 import json
 import math
+import os
 import re
 import signal
 import socket
 import time
 import traceback
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,13 +70,11 @@ class RewardError(RuntimeError):
     ) -> None:
         more = f" (and {len(failures) - 1} more failure(s))" if len(failures) > 1 else ""
         super().__init__(f"reward {reward!r} failed on image {index} (prompt {prompt!r}): {cause}{more}")
-        self.reward, self.index, self.prompt, self.cause, self.failures = (
-            reward,
-            index,
-            prompt,
-            cause,
-            failures,
-        )
+        self.reward = reward
+        self.index = index
+        self.prompt = prompt
+        self.cause = cause
+        self.failures = failures
 
 
 class RewardFailure(RuntimeError):
@@ -136,8 +136,6 @@ class RewardDeployment:
 
     def describe(self) -> dict[str, Any]:
         """Who answers (for logs and for tests that kill a replica): the actor's name and pid."""
-        import os
-
         return {
             "reward": self.name,
             "replica": self.replica,
@@ -681,6 +679,21 @@ class _Stop(Exception):
     """SIGTERM, raised in the main thread so that the cleanup below always runs."""
 
 
+@contextlib.contextmanager
+def _ray_keeps_our_sigterm_handler() -> Iterator[None]:
+    """ray.init installs SIGTERM handlers (exit at once; kill the node's processes) through
+    `ray._private.utils.set_sigterm_handler`; while this is active that call does nothing, so the
+    caller's handler stays in charge and shuts Serve and Ray down in order."""
+    import ray._private.utils as ray_utils
+
+    original = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+
+
 def _port_free(host: str, port: int) -> str | None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -713,7 +726,6 @@ def serve_forever(
     with the HTTP ingress, prints the URL and blocks. SIGTERM -> exit 0, Ctrl-C -> 130, each after
     Serve and (when it started it) the local Ray are shut down, so no process is left running.
     Returns the exit code; 2 for a problem found before anything started."""
-    import os
     import shutil
     import tempfile
 
@@ -732,31 +744,43 @@ def serve_forever(
             log(f"error: cannot listen on {host}:{port} ({busy}); fix: --port <a free port>")
             return 2
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise _Stop()
+    # A signal during ray.init would interrupt it half-way: Ray's agents, started but not yet watching
+    # their raylet, then outlive it by a minute. So while Ray starts, a signal is only recorded (and
+    # Ray is kept from installing its own SIGTERM handler, which would exit at once); it acts after.
+    state: dict[str, Any] = {"starting": True, "pending": None}
 
-    def on_int(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    def on_signal(signum: int, frame: Any) -> None:
+        if state["starting"]:
+            state["pending"] = signum
+            return
+        raise _Stop() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_signal)
     # explicit, because a shell starting us in the background hands us SIGINT ignored
-    signal.signal(signal.SIGINT, on_int)
+    signal.signal(signal.SIGINT, on_signal)
     temp_dir = None
     code = 0
     try:
-        if address:
-            ray.init(address=address)
-        else:
-            temp_dir = tempfile.mkdtemp(prefix="vgrpo-serve-", dir="/tmp")  # short: unix socket paths
-            ray.init(include_dashboard=False, _temp_dir=temp_dir)
-        signal.signal(signal.SIGTERM, on_term)  # ray.init installs its own; ours cleans up first
+        with _ray_keeps_our_sigterm_handler():
+            if address:
+                ray.init(address=address)
+            else:
+                temp_dir = tempfile.mkdtemp(prefix="vgrpo-serve-", dir="/tmp")  # short: socket paths
+                ray.init(include_dashboard=False, _temp_dir=temp_dir)
+        # Ray's core worker installs a C-level failure handler for SIGTERM during ray.init (it prints a
+        # stack and aborts); registering ours again puts Python's handler back in front
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        state["starting"] = False
+        if state["pending"] is not None:
+            on_signal(state["pending"], None)
         deploy_rewards(reward_cfg, names, http=True, host=host, port=port, quiet=True)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         _wait_http(f"http://{shown}:{port}/", 120.0)
         log(f"serving {', '.join(names)} on http://{shown}:{port}/score  (Ctrl-C or SIGTERM to stop)")
         while True:
             time.sleep(3600)
-    except (_Stop, SystemExit):  # SystemExit: Ray's own SIGTERM handler, during ray.init
+    except _Stop:
         log("SIGTERM: shutting the reward servers down")
     except KeyboardInterrupt:
         log("interrupted: shutting the reward servers down")
