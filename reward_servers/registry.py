@@ -1,22 +1,34 @@
 """Reward names -> factories. Built-in rewards are imported only when asked for (so that `shapes` never
-pays for torch or open_clip); `register_reward` adds a plug-in, and a name of the form
-`package.module:ClassName` loads a user's Reward class directly."""
+pays for torch or transformers); `register_reward` adds a plug-in; installed packages add theirs through
+the `vgrpo.rewards` entry-point group; and a name of the form `package.module:attr` loads a user's
+Reward class (built with the options as keyword arguments) or a plain scoring function
+`fn(images, prompts, metadata, **options) -> list[float]` (wrapped as a FunctionReward) directly."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
-from vgrpo.reward_servers.base import Reward
+import numpy as np
+
+from vgrpo.reward_servers.base import Reward, ScoredItem
 
 RewardFactory = Callable[[dict[str, Any]], Reward]
 
 # built-in rewards: name -> "module:factory", imported on first use
 _BUILTIN: dict[str, str] = {
     "shapes": "vgrpo.reward_servers.shapes:ShapesReward",
+    "geneval": "vgrpo.reward_servers.geneval:GenEvalReward",
+    "pickscore": "vgrpo.reward_servers.pickscore:PickScoreReward",
+    "ocr": "vgrpo.reward_servers.ocr:OcrReward",
+    "remote": "vgrpo.reward_servers.remote:RemoteReward",
 }
 _REGISTERED: dict[str, RewardFactory] = {}
+ENTRY_POINT_GROUP = "vgrpo.rewards"
 
 
 class UnknownRewardError(KeyError, ValueError):
@@ -26,9 +38,54 @@ class UnknownRewardError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
+def _entry_points() -> dict[str, str]:
+    """Installed plug-ins: entry points of group `vgrpo.rewards`, name -> "module:attr"."""
+    try:
+        return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    except Exception:  # a broken distribution's metadata must not break the built-in rewards
+        return {}
+
+
 def available_rewards() -> list[str]:
-    """The names `get_reward` accepts (besides `module:Class` paths), sorted."""
-    return sorted({*_BUILTIN, *_REGISTERED})
+    """The names `get_reward` accepts (besides `module:attr` paths), sorted: built-ins, rewards given to
+    `register_reward`, and installed entry points of group `vgrpo.rewards`."""
+    return sorted({*_BUILTIN, *_REGISTERED, *_entry_points()})
+
+
+def reward_factory(name: str) -> RewardFactory | None:
+    """The factory `register_reward` holds for `name` in this process (None for built-ins, entry points
+    and paths, which every process resolves by itself)."""
+    return _REGISTERED.get(name)
+
+
+class FunctionReward(Reward):
+    """A plain Python function as a Reward: `fn(images, prompts, metadata, **options)` returns one value
+    per image: a float, None or NaN (that image gets an item error), or a ScoredItem."""
+
+    def __init__(self, fn: Callable[..., Any], name: str, options: dict[str, Any] | None = None) -> None:
+        self.fn = fn
+        self.name = name
+        self.options = dict(options or {})
+
+    def score(
+        self, images: list[np.ndarray], prompts: list[str], metadata: list[dict] | None = None
+    ) -> list[ScoredItem]:
+        self.check_batch(images, prompts, metadata)
+        values = list(self.fn(images, prompts, metadata, **self.options))
+        if len(values) != len(images):
+            raise ValueError(
+                f"reward function {self.name!r} returned {len(values)} values for {len(images)} images; "
+                "return one per image, in order"
+            )
+        out = []
+        for i, v in enumerate(values):
+            if isinstance(v, ScoredItem):
+                out.append(v)
+            elif v is None or not math.isfinite(float(v)):
+                out.append(ScoredItem(None, error=f"{self.name} returned {v!r} for image {i}"))
+            else:
+                out.append(ScoredItem(float(v)))
+        return out
 
 
 def register_reward(name: str, factory: RewardFactory, replace: bool = False) -> None:
@@ -40,7 +97,19 @@ def register_reward(name: str, factory: RewardFactory, replace: bool = False) ->
 
 def _import(path: str) -> Any:
     module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build(obj: Any, name: str, opts: dict[str, Any]) -> Any:
+    """A class is built with the options as keyword arguments; any other callable is a scoring function."""
+    if inspect.isclass(obj):
+        return obj(**opts)
+    if callable(obj):
+        return FunctionReward(obj, name, opts)
+    raise TypeError(f"reward {name!r} names a {type(obj).__name__}, not a Reward class or a function")
 
 
 def get_reward(name: str, options: dict[str, Any] | None = None) -> Reward:
@@ -51,17 +120,28 @@ def get_reward(name: str, options: dict[str, Any] | None = None) -> Reward:
         reward = _REGISTERED[name](opts)
     elif name in _BUILTIN:
         reward = _import(_BUILTIN[name])(**opts)
-    elif ":" in name:
+    elif name in (plugins := _entry_points()):
         try:
-            reward = _import(name)(**opts)
+            target = _import(plugins[name])
         except (ImportError, AttributeError) as e:
             raise UnknownRewardError(
-                f"cannot load reward {name!r} ({e}); expected package.module:ClassName"
+                f"reward {name!r} (entry point {plugins[name]!r} of group {ENTRY_POINT_GROUP}) "
+                f"cannot be imported: {e}"
             ) from e
+        reward = _build(target, name, opts)
+    elif ":" in name:
+        try:
+            target = _import(name)
+        except (ImportError, AttributeError) as e:
+            raise UnknownRewardError(
+                f"cannot load reward {name!r} ({e}); expected package.module:ClassName or "
+                "package.module:function"
+            ) from e
+        reward = _build(target, name, opts)
     else:
         raise UnknownRewardError(
             f"unknown reward {name!r}; available: {', '.join(available_rewards())} "
-            "(or a plug-in as package.module:ClassName)"
+            "(or a plug-in as package.module:ClassName or package.module:function)"
         )
     if not isinstance(reward, Reward):
         raise TypeError(

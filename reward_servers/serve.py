@@ -40,6 +40,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from vgrpo import metrics
 from vgrpo.proto.config import RewardConfig, RewardServerConfig
 from vgrpo.reward_servers import registry
 from vgrpo.reward_servers.base import ScoredItem
@@ -125,11 +126,23 @@ class RewardDeployment:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (a unit test calling the class directly)
             self.replica = "local"
+        # --- metrics (vgrpo.metrics): requests held by this replica = its queue depth
+        self._in_flight = 0
+        metrics.actor_started("reward", self.replica, error_kinds=("failure", "error"))
+        metrics.reward_queue(self.name, self.replica, 0)
 
     async def score(self, image: Any, prompt: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """Scores one image: {"value", "error", "details", "batch_size", "replica"}. Raises RewardFailure
         when the reward code raised on this image or returned a malformed answer."""
-        out = await self._score_batch(image, prompt, metadata)
+        t0 = time.perf_counter()
+        self._in_flight += 1
+        metrics.reward_queue(self.name, self.replica, self._in_flight)
+        try:
+            out = await self._score_batch(image, prompt, metadata)
+        finally:
+            self._in_flight -= 1
+            metrics.reward_queue(self.name, self.replica, self._in_flight)
+            metrics.reward_request(self.name, self.replica, time.perf_counter() - t0)
         if "failure" in out:
             raise RewardFailure(out["failure"])
         return out
@@ -149,7 +162,10 @@ class RewardDeployment:
         self, images: list[Any], prompts: list[str], metadata: list[dict[str, Any] | None]
     ) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._score_now, images, prompts, metadata)
+        t0 = time.perf_counter()
+        out = await loop.run_in_executor(self._pool, self._score_now, images, prompts, metadata)
+        metrics.reward_batch(self.name, self.replica, out, time.perf_counter() - t0)
+        return out
 
     def _score_now(
         self, images: list[Any], prompts: list[str], metadata: list[dict[str, Any] | None]
@@ -633,7 +649,7 @@ def deploy_rewards(
     logs = _QUIET_LOGS if quiet else None
     for name in names:
         cfg = reward_cfg.server(name)
-        factory = registry._REGISTERED.get(name)  # plug-ins registered in this process travel along
+        factory = registry.reward_factory(name)  # plug-ins registered in this process travel along
         bound = (
             _as_any(RewardDeployment)
             .options(**options[name])

@@ -1,12 +1,19 @@
-"""The rollout worker as a Ray actor: a thin shell around :class:`RolloutEngine`."""
+"""The rollout worker as a Ray actor: a thin shell around :class:`RolloutEngine`.
+
+The shell is also where the worker's metrics are recorded (``vgrpo.metrics``): the engine stays plain
+torch so it can be timed in-process without Ray, and the shell times the calls the driver makes.
+"""
 
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import ray
 import torch
 
+from vgrpo import metrics
 from vgrpo.rollout_workers.engine import RolloutEngine
 
 
@@ -14,9 +21,32 @@ class RolloutWorkerShell(RolloutEngine):
     def __init__(self, *args, threads: int | None = None, **kwargs):
         torch.set_num_threads(threads or os.cpu_count() or 1)
         super().__init__(*args, **kwargs)
+        self.worker = metrics.worker_id("rollout")
+        metrics.actor_started("rollout", self.worker, error_kinds=("sample", "update_weights"))
+        metrics.record("vgrpo_policy_version", self.version, "rollout", self.worker)
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "version": self.version}
+
+    def sample(self, prompts: list[str], group_size: int, seeds: list[int]) -> dict[str, Any]:
+        try:
+            out = super().sample(prompts, group_size, seeds)
+        except Exception:
+            metrics.error("rollout", self.worker, "sample")
+            raise
+        metrics.rollout_sampled(self.worker, len(seeds), out["seconds"], out["policy_version"])
+        return out
+
+    def update_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
+        t0 = time.perf_counter()
+        try:
+            got = super().update_weights(version, state)
+        except Exception:
+            metrics.error("rollout", self.worker, "update_weights")
+            raise
+        n_bytes = sum(int(v.numel()) * v.element_size() for v in state.values())
+        metrics.weights_synced("rollout", self.worker, time.perf_counter() - t0, n_bytes, got)
+        return got
 
 
 RolloutWorker = ray.remote(RolloutWorkerShell)

@@ -222,7 +222,6 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --run-dir from its last checkpoint"),
 ) -> None:
     """Train a policy online: rollout workers, reward servers and a DeepSpeed learner on Ray."""
-    import signal
     import time
 
     if resume:
@@ -243,11 +242,9 @@ def train_cmd(
     except ModelPathError as e:
         fail(str(e))
 
-    def _interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+    from vgrpo.driver import TrainingError, install_stop_handlers, train
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    from vgrpo.driver import TrainingError, train
+    install_stop_handlers()
 
     try:
         last = train(cfg, run_dir, address=address, resume=resume)

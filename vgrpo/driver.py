@@ -50,6 +50,7 @@ class PendingRollout:
     seeds: list[int]
     refs: list[Any]  # one ObjectRef per worker
     slices: list[tuple[int, int]]  # prompt range [lo, hi) of each worker
+    data_before: dict[str, int]  # the prompt source's position before this step's prompts were drawn
     launched: float = field(default_factory=time.perf_counter)
 
 
@@ -250,7 +251,7 @@ class Roles:
         )
         self.learner_info = infos[0]
         self.get([w.ready.remote() for w in self.workers], "rollout workers (loading the policy)")
-        handles = deploy_rewards(cfg.reward)
+        handles = deploy_rewards(cfg.reward, quiet=True)
         self.rewards = RewardClient(handles, cfg.reward)
 
     def get(self, refs: Any, role: str, timeout: float | None = None) -> Any:
@@ -303,6 +304,7 @@ class Trainer:
 
     def launch(self, roles: Roles, step: int) -> PendingRollout:
         r = self.cfg.rollout
+        data_before = self.source.state()
         prompts = self.source.next(r.prompts_per_step)
         seeds = derive_seeds(self.cfg.train.seed, step, len(prompts) * r.group_size)
         slices = [s for s in split_evenly(len(prompts), len(roles.workers))]
@@ -318,7 +320,7 @@ class Trainer:
                 )
             else:
                 refs.append(None)
-        return PendingRollout(step, prompts, seeds, refs, slices)
+        return PendingRollout(step, prompts, seeds, refs, slices, data_before)
 
     def collect(self, roles: Roles, pending: PendingRollout) -> dict[str, Any]:
         parts = roles.get([ref for ref in pending.refs if ref is not None], "rollout workers (sampling)")
@@ -502,6 +504,7 @@ class Trainer:
     def restore(self, roles: Roles) -> int:
         ckpts = self.run.checkpoint_dirs()
         if not ckpts:
+            self.run.truncate_metrics(0)
             return 0
         step, path = ckpts[-1]
         state = json.loads((path / "driver_state.json").read_text())
@@ -531,6 +534,7 @@ class Trainer:
             self.tb = SummaryWriter(str(self.run.root / "tb"), purge_step=start + 1 if start else None)
         progress = Progress(cfg.observability.progress, cfg.train.steps, start)
         step = start
+        StopRequest.in_loop = True
         try:
             for step in range(start + 1, cfg.train.steps + 1):
                 row = self.train_step(roles, step)  # sample → score → advantages → update → broadcast
@@ -545,20 +549,21 @@ class Trainer:
                 progress.update(row)
                 if step % cfg.train.samples_every == 0 or last:
                     self.save_samples(step)
-                if step % cfg.train.checkpoint_every == 0 or last:
-                    self.checkpoint(roles, step)
+                stopping = StopRequest.requested and not last
+                if step % cfg.train.checkpoint_every == 0 or last or stopping:
+                    path = self.checkpoint(roles, step)
                 self.step = step
-        except KeyboardInterrupt:
-            progress.close()
-            if self.step > start or resume:
-                path = self.checkpoint(roles, self.step) if self.step > 0 else None
-                print(
-                    f"interrupted: checkpoint saved at {path}; resume with "
-                    f"`vgrpo train --run-dir {self.run.root} --resume`",
-                    file=sys.stderr,
-                )
-            raise
+                if stopping:
+                    progress.close()
+                    print(
+                        f"stopped at step {step}: checkpoint {path}; continue with "
+                        f"`vgrpo train --run-dir {self.run.root} --resume`",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    raise KeyboardInterrupt
         finally:
+            StopRequest.in_loop = False
             progress.close()
             if self.tb is not None:
                 self.tb.close()
@@ -566,6 +571,36 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------- entry
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM inside the loop ask for a stop at the next step boundary (so the checkpoint is
+    consistent: learner, rollout weights and data position of one step); a second signal, or one outside
+    the loop, interrupts at once."""
+
+    in_loop = False
+    requested = False
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    if StopRequest.in_loop and not StopRequest.requested:
+        StopRequest.requested = True
+        print(
+            "stop requested: finishing this step, then checkpoint and exit (signal again to abort now)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    raise KeyboardInterrupt
+
+
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM stop the loop through KeyboardInterrupt (checkpoint, then exit 130). Called
+    after ray.init, which installs its own SIGTERM handler that exits at once without cleaning up."""
+    import signal
+
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def start_ray(cfg: RunConfig, address: str | None) -> bool:
@@ -584,14 +619,14 @@ def start_ray(cfg: RunConfig, address: str | None) -> bool:
         }
     }
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=cfg.observability.log_level == "DEBUG")
         return False
     ray.init(
         num_cpus=cfg.resources.num_cpus,
         num_gpus=cfg.resources.num_gpus,
         include_dashboard=False,
         runtime_env=env,
-        log_to_driver=True,
+        log_to_driver=cfg.observability.log_level == "DEBUG",
         configure_logging=True,
         logging_level=logging.WARNING,
     )
@@ -608,6 +643,7 @@ def train(cfg: RunConfig, run_dir: Path, address: str | None = None, resume: boo
     run = RunDir(run_dir)
     run.write_config(cfg)
     started = start_ray(cfg, address)
+    install_stop_handlers()
     roles = None
     try:
         trainer = Trainer(cfg, run)

@@ -100,6 +100,9 @@ class PretrainConfig:
     shift: float = SCHEDULER_SHIFT
     heads: int = 3  # transformer width = 32·heads
     layers: int = 4
+    # objects beyond those the caption names (scene_for_prompt's distractors); 0: captions describe the
+    # whole image, a lower-entropy conditional that a tiny model learns faster
+    max_distractors: int = 0
     checkpoint_every: int = 0  # save the EMA pipeline every N flow steps under out_dir/ckpt_<N> (0: never)
     # one intra-op thread: measured on the shared 2-core machine, 2 threads ran 4-7x SLOWER than 1 when
     # another process held a core (oversubscription); None leaves torch's default
@@ -316,7 +319,7 @@ def pretraining_prompts() -> dict[str, list[str]]:
 
 
 def make_pairs(
-    n: int, rng: np.random.Generator, family_mix: dict[str, float]
+    n: int, rng: np.random.Generator, family_mix: dict[str, float], max_distractors: int = 0
 ) -> tuple[list[str], np.ndarray]:
     """``n`` (prompt, image) pairs: a family drawn by ``family_mix``, a caption of that family from
     :func:`pretraining_prompts`, and a fresh random scene that passes it (``scene_for_prompt``)."""
@@ -333,7 +336,8 @@ def make_pairs(
         fam = families[int(rng.choice(len(families), p=p))]
         prompt = by_family[fam][int(rng.integers(len(by_family[fam])))]
         prompts.append(prompt)
-        images[i] = render_scene(scene_for_prompt(prompt, rng, size=IMAGE_SIZE))
+        scene = scene_for_prompt(prompt, rng, size=IMAGE_SIZE, max_distractors=max_distractors)
+        images[i] = render_scene(scene)
     return prompts, images
 
 
@@ -525,7 +529,9 @@ def pretrain(
     )
 
     log(f"rendering {cfg.flow_pairs} (prompt, image) pairs")
-    prompts, images = make_pairs(cfg.flow_pairs, np.random.default_rng([seed, 2]), cfg.family_mix)
+    prompts, images = make_pairs(
+        cfg.flow_pairs, np.random.default_rng([seed, 2]), cfg.family_mix, cfg.max_distractors
+    )
     with torch.no_grad():
         latents = torch.cat(
             [encode_images(pipe.vae, images[i : i + 256]) for i in range(0, len(images), 256)]
