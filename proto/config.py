@@ -288,6 +288,11 @@ class ResourcesConfig(Section):
 
 class ObservabilityConfig(Section):
     progress: Literal["auto", "rich", "plain", "off"] = "auto"
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # `progress: off` in a YAML file loads as False
     tensorboard: bool = True
     report: bool = True
     metrics_port: int | None = Field(None, ge=1, le=65535, description="driver Prometheus port (None: off)")
@@ -418,6 +423,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads on/off/yes/no as booleans; on the command line they are words
     return key.split("."), value
 
 

@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-class RewardWeightsError(FileNotFoundError):
-    """A reward's weights path (option `key`) is neither a local folder nor an obtainable hub id."""
+class RewardWeightsError(FileNotFoundError, ValueError):
+    """A reward's weights path (option `key`) is neither a local folder nor an obtainable hub id (a
+    FileNotFoundError, and a ValueError for callers that treat bad options as such, e.g. `vgrpo score`)."""
 
 
 def _looks_local(path: str) -> bool:
@@ -69,7 +70,9 @@ def resolve_weights(path: str, key: str, default_id: str) -> str:
         return path
     if _offline():
         raise RewardWeightsError(
-            missing_weights_message(key, path, default_id, "not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+            missing_weights_message(
+                key, path, default_id, "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+            )
         )
     return path
 

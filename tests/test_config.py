@@ -153,3 +153,11 @@ def test_messages_validate_counts_and_versions():
         )
     m = WeightUpdateManifest(policy_version=3, kind="lora", tensors={"a": spec}, num_bytes=10)
     assert WeightUpdateManifest.model_validate_json(m.model_dump_json()).policy_version == 3
+
+
+def test_yaml_words_stay_words(tmp_path):
+    assert load_config(None, ["observability.progress=off"]).observability.progress == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("observability:\n  progress: off\n")
+    assert load_config(path).observability.progress == "off"
+    assert load_config(None, ["observability.tensorboard=false"]).observability.tensorboard is False

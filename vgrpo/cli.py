@@ -88,7 +88,11 @@ def eval_cmd(
     step: int | None = typer.Option(
         None, "--step", min=0, help="with --run-dir: 0 = the starting policy; default the last checkpoint"
     ),
-    benchmark: str = typer.Option("shapes", "--benchmark", help="shapes (the GenEval-Shapes world)"),
+    benchmark: str = typer.Option(
+        "shapes",
+        "--benchmark",
+        help="shapes (the GenEval-Shapes world), geneval (GenEval's table), ocr or pickscore",
+    ),
     prompts: str = typer.Option(
         "builtin:shapes/heldout", "--prompts", help="prompt file (.jsonl / .txt) or builtin:shapes/<split>"
     ),
@@ -105,12 +109,38 @@ def eval_cmd(
     max_prompts: int | None = typer.Option(
         None, "--max-prompts", min=1, hidden=True, help="evaluate only the first N prompts"
     ),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="YAML whose reward.servers.<benchmark>.options give the reward's model paths "
+        "(default: the run's config.yaml with --run-dir, else the reward's defaults)",
+    ),
 ) -> None:
     """Score a policy on held-out prompts with the deterministic sampler and fixed seeds (GenEval's table)."""
     import json
 
+    if benchmark not in ("shapes", "geneval", "ocr", "pickscore"):
+        fail(f"--benchmark {benchmark!r} is not available; fix: shapes, geneval, ocr or pickscore")
+    reward_model = None
     if benchmark != "shapes":
-        fail(f"--benchmark {benchmark!r} is not available here; fix: --benchmark shapes")
+        from vgrpo.evaluate import load_benchmark_rows
+        from vgrpo.reward_servers.registry import get_reward
+
+        if prompts.startswith("builtin:"):
+            fail(f"--benchmark {benchmark} needs its prompt file; fix: --prompts FILE (.jsonl or .txt)")
+        try:
+            bench_rows = load_benchmark_rows(prompts, benchmark, max_prompts=max_prompts)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        cfg_path = config
+        if cfg_path is None and run_dir is not None and (run_dir / "config.yaml").is_file():
+            cfg_path = run_dir / "config.yaml"
+        options = dict(resolve_config(cfg_path, None).reward.server(benchmark).options) if cfg_path else {}
+        try:
+            reward_model = get_reward(benchmark, options)
+        except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
+            fail(str(e))
     if sampler not in ("dpm2", "euler"):
         fail(f"--sampler {sampler!r}: eval uses a deterministic ODE solver; fix: --sampler dpm2 or euler")
     import torch
@@ -119,7 +149,7 @@ def eval_cmd(
     from vgrpo.policy import ModelPathError, load_pipeline
 
     try:
-        rows = load_prompt_rows(prompts, max_prompts=max_prompts)
+        rows = load_prompt_rows(prompts, max_prompts=max_prompts) if reward_model is None else bench_rows
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     import diffusers
@@ -147,19 +177,26 @@ def eval_cmd(
             pipe = load_pipeline(str(model), dtype=torch.float32, device=device)
     except ModelPathError as e:
         fail(str(e))
-    result = evaluate_policy(
-        pipe,
-        rows,
+    from typing import Any
+
+    eval_kwargs: dict[str, Any] = dict(
         images_per_prompt=images_per_prompt,
         seed=seed,
         num_steps=num_steps,
         guidance_scale=guidance_scale,
-        sampler=sampler,  # type: ignore[arg-type]
+        sampler=sampler,
         batch_size=batch_size,
         keep_images=grid is not None,
     )
+    if reward_model is None:
+        result = evaluate_policy(pipe, rows, **eval_kwargs)
+    else:
+        from vgrpo.evaluate import evaluate_with_reward
+
+        result = evaluate_with_reward(pipe, rows, reward_model, benchmark, **eval_kwargs)
     typer.echo(f"model: {model}  prompts: {prompts}")
-    print_table(result)
+    titles = {"shapes": "GenEval-Shapes", "geneval": "GenEval", "ocr": "OCR", "pickscore": "PickScore"}
+    print_table(result, titles[benchmark])
     if grid is not None:
         captions = [p["prompt"] for p in result["prompts"] for _ in p["images"]]
         save_grid(result["images"], captions, grid, columns=max(4, images_per_prompt * 2))

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from vgrpo.metrics import export_step
 from vgrpo.proto.config import RunConfig, dump_config
 from vgrpo.proto.messages import PromptItem
 
@@ -149,46 +150,96 @@ def image_grid(images_bhwc: np.ndarray, columns: int) -> np.ndarray:
     return grid
 
 
+def role_rates(row: dict[str, Any]) -> dict[str, float]:
+    """images/s per role for one metrics row: the step's images over the seconds each role spent on them
+    (rollout = sampling compute, reward = scoring, learner = the update). The smallest is the bottleneck."""
+    n_images = row["images_per_s"] * row["time/step"]
+    keys = {"rollout": "time/sample_compute", "reward": "time/reward", "learner": "time/learner"}
+    return {role: n_images / row[k] for role, k in keys.items() if row.get(k, 0) > 0}
+
+
 class Progress:
-    """A live line (rich) on a terminal; plain log lines otherwise."""
+    """Progress of the loop. On a terminal: a rich live panel (bar, then step, reward, images/s per role,
+    staleness and phase times of the last step); otherwise one plain line per step, for log files."""
 
     def __init__(self, mode: str, total: int, start: int):
         self.live = mode == "rich" or (mode == "auto" and sys.stderr.isatty())
         self.off = mode == "off"
         self.total = total
         self._bar: Any = None
+        self._live: Any = None
         if self.live and not self.off:
+            from rich.console import Console, Group
+            from rich.live import Live
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
 
+            self._group = Group
             self._bar = RichProgress(
                 TextColumn("[bold]train"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 TextColumn("{task.fields[info]}"),
-                transient=False,
             )
-            self._task = self._bar.add_task("train", total=total, completed=start, info="starting")
-            self._bar.start()
+            self._task = self._bar.add_task("train", total=total, completed=start, info="starting the roles")
+            self._live = Live(self._bar, console=Console(stderr=True), refresh_per_second=4, transient=False)
+            self._live.start()
 
     def update(self, row: dict[str, Any]) -> None:
+        rates = role_rates(row)
+        per_role = " · ".join(f"{k} {v:.1f}" for k, v in rates.items())
+        bottleneck = min(rates, key=lambda k: rates[k]) if rates else "?"
         info = (
-            f"reward {row['reward_mean']:.3f} | loss {row['loss']:+.4f} | {row['images_per_s']:.1f} img/s"
-            f" | stale {row['staleness']}"
+            f"reward {row['reward_mean']:.3f} ± {row['reward_std']:.3f} | loss {row['loss']:+.4f} | "
+            f"{row['images_per_s']:.1f} img/s ({per_role}) | stale {row['staleness']}"
         )
         if "eval/overall" in row:
             info += f" | eval {row['eval/overall']:.3f}"
         if self.off:
             return
-        if self._bar is not None:
-            self._bar.update(self._task, completed=row["step"], info=info)
-        else:
-            print(f"step {row['step']}/{self.total} | {info}", flush=True)
+        if self._live is None:
+            print(f"step {row['step']}/{self.total} | {info} | {row['time/step']:.1f} s", flush=True)
+            return
+        from rich.table import Table
+
+        table = Table(box=None, padding=(0, 2), show_header=True, header_style="bold")
+        for col in (
+            "step",
+            "reward",
+            "loss",
+            "images/s",
+            "rollout",
+            "reward srv",
+            "learner",
+            "stale",
+            "s/step",
+        ):
+            table.add_column(col, justify="right")
+        table.add_row(
+            f"{row['step']}/{self.total}",
+            f"{row['reward_mean']:.3f} ± {row['reward_std']:.3f}",
+            f"{row['loss']:+.4f}",
+            f"{row['images_per_s']:.1f}",
+            *(
+                f"{rates[k]:.1f}" + (" ◂" if k == bottleneck else "") if k in rates else "–"
+                for k in ("rollout", "reward", "learner")
+            ),
+            str(row["staleness"]),
+            f"{row['time/step']:.2f}",
+        )
+        phases = " · ".join(
+            f"{k[5:]} {row[k]:.2f}s"
+            for k in ("time/rollout", "time/reward", "time/learner", "time/weight_sync")
+        )
+        extra = [f"phases: {phases}"] + ([f"eval {row['eval/overall']:.3f}"] if "eval/overall" in row else [])
+        self._bar.update(self._task, completed=row["step"], info="")
+        self._live.update(self._group(self._bar, table, "  " + " | ".join(extra)))
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
 
 # ----------------------------------------------------------------------------------------------- roles
@@ -542,6 +593,7 @@ class Trainer:
                 if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
                     row.update(self.evaluate(roles))
                 self.run.append_metrics(row)
+                export_step(row, cfg.observability.metrics_port)  # Prometheus: vgrpo/metrics.py
                 if self.tb is not None:
                     for k, v in row.items():
                         if k != "step" and isinstance(v, (int, float)):
@@ -567,6 +619,10 @@ class Trainer:
             progress.close()
             if self.tb is not None:
                 self.tb.close()
+            if cfg.observability.report:
+                from vgrpo.report import try_write_report
+
+                try_write_report(self.run.root)
         return step
 
 

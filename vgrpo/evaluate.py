@@ -197,3 +197,161 @@ def save_grid(
 def strip_images(result: dict[str, Any]) -> dict[str, Any]:
     """The JSON-serialisable part of a result (without the ``images`` array)."""
     return {k: v for k, v in result.items() if k != "images"}
+
+
+# ------------------------------------------------------------------- GenEval / OCR / PickScore benchmarks
+
+REWARD_BENCHMARKS = ("geneval", "ocr", "pickscore")
+
+
+def load_benchmark_rows(
+    spec: str | Path, benchmark: str, max_prompts: int | None = None
+) -> list[dict[str, Any]]:
+    """Prompt rows for a reward benchmark: a ``.jsonl`` file (one object a line with ``prompt``; for
+    GenEval its own metadata format with ``tag``, ``include``, ``exclude``) or a text file (one prompt a
+    line). ``tag`` defaults to the benchmark's name. Raises ValueError naming the first unusable row:
+    GenEval rows without their metadata, OCR prompts without quoted text."""
+    path = Path(str(spec))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--prompts {str(spec)!r} does not exist; fix: give the benchmark's prompt file "
+            "(GenEval: its evaluation_metadata.jsonl; OCR/PickScore: .jsonl with 'prompt' or .txt)"
+        )
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path} line {n} has no string 'prompt'")
+            rows.append(row)
+    else:
+        rows = [{"prompt": line.strip()} for line in lines]
+    rows = rows[:max_prompts] if max_prompts else rows
+    for row in rows:
+        row.setdefault("tag", benchmark)
+    if benchmark == "geneval":
+        from vgrpo.reward_servers.geneval import metadata_problem
+
+        for n, row in enumerate(rows):
+            problem = metadata_problem(row)
+            if problem:
+                raise ValueError(f"{path} row {n} ({row['prompt']!r}): {problem}")
+    elif benchmark == "ocr":
+        from vgrpo.reward_servers.ocr import validate_prompts
+
+        validate_prompts([r["prompt"] for r in rows])
+    return rows
+
+
+def _image_metric(benchmark: str, item: Any) -> float:
+    """The number a benchmark averages for one image: GenEval's official binary correctness, the OCR
+    reward, PickScore's raw score (not the /26 training reward)."""
+    if benchmark == "geneval":
+        return float(item.details["score"])
+    if benchmark == "pickscore":
+        return float(item.details.get("raw", item.value))
+    return float(item.value)
+
+
+def evaluate_with_reward(
+    pipe: StableDiffusion3Pipeline,
+    rows: list[dict[str, Any]],
+    reward: Any,
+    benchmark: str,
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    num_steps: int = 10,
+    guidance_scale: float = 1.0,
+    sampler: Sampler = "dpm2",
+    shift: float | None = None,
+    batch_size: int = 32,
+    keep_images: bool = False,
+) -> dict[str, Any]:
+    """Samples ``images_per_prompt`` images per prompt with the same fixed seeds as ``evaluate_policy``
+    (image j of prompt i: ``seed + i·images_per_prompt + j``) and scores them with ``reward`` (a
+    ``vgrpo.reward_servers.base.Reward``; each row is passed as the image's metadata).
+
+    - ``geneval``: per-tag accuracy of GenEval's official binary correctness; ``overall`` = the mean of
+      the tags' accuracies (GenEval's table); ``reward_mean`` = the partial-credit training reward.
+    - ``ocr``: ``overall`` = the mean OCR reward; ``exact_match`` = the fraction of images scoring 1.
+    - ``pickscore``: ``overall`` = the mean raw PickScore.
+
+    An image the reward cannot score counts 0 and is listed with its error (``num_errors``)."""
+    if benchmark not in REWARD_BENCHMARKS:
+        raise ValueError(f"benchmark {benchmark!r}: want one of {', '.join(REWARD_BENCHMARKS)}")
+    jobs = [(i, j) for i in range(len(rows)) for j in range(images_per_prompt)]
+    per_prompt: list[dict[str, Any]] = [
+        {"prompt": r["prompt"], "tag": r.get("tag", benchmark), "images": []} for r in rows
+    ]
+    all_images: list[np.ndarray] = []
+    values: list[float] = []
+    errors = 0
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        prompts = [rows[i]["prompt"] for i, _ in chunk]
+        seeds = [seed + i * images_per_prompt + j for i, j in chunk]
+        _, images_bhwc = sample(
+            pipe,
+            prompts,
+            seeds,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            shift=shift,
+        )
+        items = reward.score(list(images_bhwc), prompts, [rows[i] for i, _ in chunk])
+        for (i, _), s, item in zip(chunk, seeds, items, strict=True):
+            record: dict[str, Any] = {"seed": s}
+            if item.value is None or item.error:
+                errors += 1
+                record.update(score=0.0, error=item.error or "no value")
+            else:
+                record.update(score=_image_metric(benchmark, item), reward=float(item.value))
+                values.append(float(item.value))
+                if benchmark == "geneval":
+                    record["failed"] = [r for r in str(item.details.get("reason", "")).split("\n") if r]
+                elif benchmark == "ocr":
+                    record["recognized"] = item.details.get("recognized", "")
+            per_prompt[i]["images"].append(record)
+        if keep_images:
+            all_images.append(images_bhwc)
+
+    scores_by_tag: dict[str, list[float]] = defaultdict(list)
+    for p in per_prompt:
+        p["score"] = float(np.mean([im["score"] for im in p["images"]])) if p["images"] else 0.0
+        scores_by_tag[p["tag"]].extend(im["score"] for im in p["images"])
+    ordered = [f for f in FAMILY_ORDER if f in scores_by_tag] + sorted(
+        f for f in scores_by_tag if f not in FAMILY_ORDER
+    )
+    families = {f: float(np.mean(scores_by_tag[f])) for f in ordered}
+    all_scores = [im["score"] for p in per_prompt for im in p["images"]]
+    if benchmark == "geneval":
+        overall = float(np.mean(list(families.values()))) if families else 0.0
+    else:
+        overall = float(np.mean(all_scores)) if all_scores else 0.0
+    result: dict[str, Any] = {
+        "benchmark": benchmark,
+        "overall": overall,
+        "families": families,
+        "reward_mean": float(np.mean(values)) if values else 0.0,
+        "num_errors": errors,
+        "prompts": per_prompt,
+        "num_images": len(jobs),
+        "settings": {
+            "images_per_prompt": images_per_prompt,
+            "seed": seed,
+            "num_steps": num_steps,
+            "guidance_scale": guidance_scale,
+            "sampler": sampler,
+            "shift": shift,
+        },
+    }
+    if benchmark == "ocr":
+        result["exact_match"] = float(np.mean([s == 1.0 for s in all_scores])) if all_scores else 0.0
+    if keep_images:
+        result["images"] = np.concatenate(all_images) if all_images else np.zeros((0, 1, 1, 3), np.uint8)
+    return result

@@ -100,6 +100,7 @@ class PretrainConfig:
     shift: float = SCHEDULER_SHIFT
     heads: int = 3  # transformer width = 32·heads
     layers: int = 4
+    patch: int = 2  # latent patch side: 2 -> 64 image tokens, 4 -> 16 (each a 16x16 px cell)
     # objects beyond those the caption names (scene_for_prompt's distractors); 0: captions describe the
     # whole image, a lower-entropy conditional that a tiny model learns faster
     max_distractors: int = 0
@@ -225,7 +226,7 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_transformer(heads: int = 3, layers: int = 4):
+def build_transformer(heads: int = 3, layers: int = 4, patch: int = 2):
     """SD3's MMDiT at toy size: latent 16×16 (``sample_size`` = 16 so the pipeline's default is 64 px),
     patch 2 -> 64 image tokens, width 32·heads, ``layers`` joint blocks; the joint text width is the sum
     of the CLIP hidden sizes and the pooled width the sum of their projections."""
@@ -233,7 +234,7 @@ def build_transformer(heads: int = 3, layers: int = 4):
 
     return SD3Transformer2DModel(
         sample_size=IMAGE_SIZE // 4,
-        patch_size=2,
+        patch_size=patch,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         num_layers=layers,
@@ -242,7 +243,7 @@ def build_transformer(heads: int = 3, layers: int = 4):
         joint_attention_dim=128,
         caption_projection_dim=32 * heads,
         pooled_projection_dim=64,
-        pos_embed_max_size=8,
+        pos_embed_max_size=IMAGE_SIZE // 4 // patch,
     )
 
 
@@ -259,7 +260,12 @@ def adaln_zero_init(transformer: torch.nn.Module) -> None:
 
 
 def build_pipeline(
-    seed: int = 0, adaln_zero: bool = True, shift: float = SCHEDULER_SHIFT, heads: int = 3, layers: int = 4
+    seed: int = 0,
+    adaln_zero: bool = True,
+    shift: float = SCHEDULER_SHIFT,
+    heads: int = 3,
+    layers: int = 4,
+    patch: int = 2,
 ) -> StableDiffusion3Pipeline:
     """A randomly initialised tiny SD3 pipeline (T5 omitted)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -267,7 +273,7 @@ def build_pipeline(
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    transformer = build_transformer(heads, layers)
+    transformer = build_transformer(heads, layers, patch)
     if adaln_zero:
         adaln_zero_init(transformer)
     pipe: StableDiffusion3Pipeline = Pipeline(
