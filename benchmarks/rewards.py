@@ -61,7 +61,7 @@ def _text_images(n: int) -> tuple[list[np.ndarray], list[str], None]:
     return images, prompts, None
 
 
-def workloads(tmp: Path, n: int) -> dict[str, tuple[dict[str, Any], Any]]:
+def workloads(tmp: Path, n: int, threads: int = 1) -> dict[str, tuple[dict[str, Any], Any]]:
     """reward name -> (options, batch maker) for the four rewards measured."""
     from vgrpo.reward_servers.tiny_models import build_tiny_clip, build_tiny_mask2former
 
@@ -85,7 +85,7 @@ def workloads(tmp: Path, n: int) -> dict[str, tuple[dict[str, Any], Any]]:
             {"processor_path": str(clip), "model_path": str(clip), "device": "cpu"},
             pick_batch,
         ),
-        "ocr": ({}, _text_images),
+        "ocr": ({"num_threads": threads}, _text_images),
     }
 
 
@@ -168,18 +168,30 @@ def main() -> None:
     ap.add_argument("--serve-batch", type=int, default=8, help="max_batch_size of the Serve deployments")
     ap.add_argument("--no-serve", action="store_true", help="skip the Serve (replicas) measurements")
     ap.add_argument("--rewards", default="shapes,geneval,pickscore,ocr")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch/onnxruntime threads in process (Ray gives a replica OMP_NUM_THREADS = its CPUs, 1 here)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rewards.json")
     args = ap.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     replicas = [int(r) for r in args.replicas.split(",")]
     wanted = set(args.rewards.split(","))
+    import torch
     import transformers
 
+    torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="vgrpo-bench-rewards-") as tmp:
-        loads = {k: v for k, v in workloads(Path(tmp), args.images).items() if registry_name(k) in wanted}
+        loads = {
+            k: v
+            for k, v in workloads(Path(tmp), args.images, args.threads).items()
+            if registry_name(k) in wanted
+        }
         print("in process:")
         for label, (options, make) in loads.items():
             rows += bench_in_process(label, options, make, batch_sizes, args.images)
@@ -207,7 +219,9 @@ def main() -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
-        "note": "geneval/pickscore on tiny models (pipeline overhead, not real-model compute); ocr real",
+        "note": "geneval/pickscore on tiny models (pipeline overhead, not real-model compute); ocr real; "
+        "2 CPU cores shared with other jobs: expect noise",
+        "threads": args.threads,
         "results": rows,
     }
     args.out.write_text(json.dumps(payload, indent=1))

@@ -148,7 +148,7 @@ class LearnerEngine:
 
     # ------------------------------------------------------------------------------------ setup
 
-    def init_distributed(self, master_addr: str, master_port: int) -> dict[str, Any]:
+    def init_distributed(self, master_addr: str, master_port: int, keep_history: int = 0) -> dict[str, Any]:
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
@@ -205,6 +205,8 @@ class LearnerEngine:
             uncond = self._uncond_embeddings()
         guidance = self.rollout_cfg.guidance_scale if self.objective.sampler == "sde" else 1.0
         self.policy = SD3LearnerPolicy(self.module, guidance, uncond, self.old_module, self.ref_module)
+        if keep_history > 0:  # a stale batch of the first steps was sampled by version 0
+            self.history[0] = self.get_weights()
         n_train = sum(p.numel() for p in trainable_params(self.module).values())
         return {
             "rank": self.rank,

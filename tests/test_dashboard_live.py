@@ -235,7 +235,9 @@ def test_every_dashboard_query_returns_data(ray_head, prometheus, tmp_path):
             )
             return metrics.exists() and metrics.stat().st_size > 0
 
+        t0 = time.monotonic()
         wait_for("the first training step", first_step, 300, every_s=1.0, logs=log)
+        print(f"first training step after {time.monotonic() - t0:.0f} s")
         up = wait_for(
             "Prometheus scraping Ray's targets",
             lambda: [
@@ -261,6 +263,7 @@ def test_every_dashboard_query_returns_data(ray_head, prometheus, tmp_path):
                     del pending[i]
             if pending:
                 time.sleep(1.0)
+        print(f"{len(results)}/{len(queries)} dashboard queries answered after {time.monotonic() - t0:.0f} s")
         missing = [f"{title}: {expr}" for title, expr in pending.values()]
         assert not missing, (
             f"{len(missing)} of {len(queries)} dashboard queries returned no data:\n" + "\n".join(missing)

@@ -321,6 +321,19 @@ def serve_rewards_cmd(
     raise typer.Exit(serve_forever(cfg.reward, names, host, port, log))
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Option(..., "--run-dir", help="run directory (finished, interrupted or running)"),
+) -> None:
+    """(Re)write RUN_DIR/report.html: curves, phase breakdown, sample grids and config, self-contained."""
+    if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "config.yaml").is_file():
+        fail(f"--run-dir {run_dir}: no metrics.jsonl or config.yaml there; is it a vgrpo run directory?")
+    from vgrpo.report import write_report
+
+    path = write_report(run_dir)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB)")
+
+
 def main() -> None:
     try:
         app()

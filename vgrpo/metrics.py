@@ -36,7 +36,8 @@ Kind = Literal["counter", "gauge", "histogram"]
 LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 STEP_BOUNDS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
 BATCH_BOUNDS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]
-VALUE_BOUNDS = [-1.0, -0.5, -0.25, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0, 5.0]
+# Ray's histogram boundaries must be > 0: values at or below the first bound fall in the first bucket
+VALUE_BOUNDS = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0]
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class _Recorder:
     def __init__(self) -> None:
         self._metrics: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._warned = False
+        self._warned: set[str] = set()
         self.prom: Any = None  # the driver's optional prometheus-client registry
 
     def _metric(self, name: str) -> Any:
@@ -192,8 +193,8 @@ class _Recorder:
             if self.prom is not None:
                 self.prom.record(SPECS[name], 0.0, tags)
         except Exception as e:
-            if not self._warned:
-                self._warned = True
+            if name not in self._warned:
+                self._warned.add(name)
                 log.warning("metric %s not seeded (%s: %s)", name, type(e).__name__, e)
 
     def record(self, name: str, value: float, tags: dict[str, str]) -> None:
@@ -209,9 +210,9 @@ class _Recorder:
                 m.observe(value, tags=tags)
             if self.prom is not None:
                 self.prom.record(spec, value, tags)
-        except Exception as e:  # a metric must never fail a step; say it once
-            if not self._warned:
-                self._warned = True
+        except Exception as e:  # a metric must never fail a step; say it once per metric
+            if name not in self._warned:
+                self._warned.add(name)
                 log.warning(
                     "metric %s not recorded (%s: %s); further failures are silent", name, type(e).__name__, e
                 )
