@@ -206,7 +206,9 @@ def has_data(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(s["value"][1])) for s in result)
 
 
-def test_every_dashboard_query_returns_data(ray_head, prometheus, tmp_path):
+def test_every_dashboard_query_returns_data(
+    ray_head: dict[str, Any], prometheus: str, tmp_path: Path
+) -> None:
     queries = dashboard_queries()
     assert len(queries) >= 15, "the dashboard lost its panels"
     run = tmp_path / "run"

@@ -201,40 +201,26 @@ class Progress:
         if self._live is None:
             print(f"step {row['step']}/{self.total} | {info} | {row['time/step']:.1f} s", flush=True)
             return
-        from rich.table import Table
+        from rich.text import Text
 
-        table = Table(box=None, padding=(0, 2), show_header=True, header_style="bold")
-        for col in (
-            "step",
-            "reward",
-            "loss",
-            "images/s",
-            "rollout",
-            "reward srv",
-            "learner",
-            "stale",
-            "s/step",
-        ):
-            table.add_column(col, justify="right")
-        table.add_row(
-            f"{row['step']}/{self.total}",
-            f"{row['reward_mean']:.3f} ± {row['reward_std']:.3f}",
-            f"{row['loss']:+.4f}",
-            f"{row['images_per_s']:.1f}",
-            *(
-                f"{rates[k]:.1f}" + (" ◂" if k == bottleneck else "") if k in rates else "–"
-                for k in ("rollout", "reward", "learner")
-            ),
-            str(row["staleness"]),
-            f"{row['time/step']:.2f}",
+        # short lines (< 80 columns): a narrow terminal must not wrap the panel into noise
+        role_cells = "  ".join(
+            f"{k} [bold]{v:.1f}[/]" + (" [yellow](slowest)[/]" if k == bottleneck else "")
+            for k, v in rates.items()
         )
         phases = " · ".join(
             f"{k[5:]} {row[k]:.2f}s"
             for k in ("time/rollout", "time/reward", "time/learner", "time/weight_sync")
         )
-        extra = [f"phases: {phases}"] + ([f"eval {row['eval/overall']:.3f}"] if "eval/overall" in row else [])
+        lines = [
+            f"  reward [bold green]{row['reward_mean']:.3f}[/] ± {row['reward_std']:.3f}   loss {row['loss']:+.4f}"
+            f"   staleness [bold]{row['staleness']}[/]   {row['time/step']:.2f} s/step"
+            + (f"   eval [bold]{row['eval/overall']:.3f}[/]" if "eval/overall" in row else ""),
+            f"  images/s  e2e [bold]{row['images_per_s']:.1f}[/]  {role_cells}",
+            f"  phases    {phases}",
+        ]
         self._bar.update(self._task, completed=row["step"], info="")
-        self._live.update(self._group(self._bar, table, "  " + " | ".join(extra)))
+        self._live.update(self._group(self._bar, *(Text.from_markup(line) for line in lines)))
 
     def close(self) -> None:
         if self._live is not None:
@@ -333,15 +319,19 @@ class Roles:
         except RayActorError as e:
             raise TrainingError(f"{role}: the actor died ({e.__class__.__name__}): {e}") from None
 
-    def stop(self) -> None:
+    def stop(self, cluster_ends: bool = False) -> None:
+        """Kill this run's actors. On a cluster that outlives the run, also delete its reward
+        applications; an embedded cluster is about to end with everything in it (and Serve's shutdown
+        would only add retry warnings from its controller)."""
         import ray
 
         from vgrpo.reward_servers.serve import shutdown_rewards
 
-        try:
-            shutdown_rewards()
-        except Exception as e:  # shutting down: report, do not mask the run's own outcome
-            log.warning("reward servers did not shut down cleanly: %s", e)
+        if not cluster_ends:
+            try:
+                shutdown_rewards()
+            except Exception as e:  # shutting down: report, do not mask the run's own outcome
+                log.warning("reward servers did not shut down cleanly: %s", e)
         for a in self.workers + self.learners:
             ray.kill(a)
         ray.util.remove_placement_group(self.pg)
@@ -720,7 +710,7 @@ def train(cfg: RunConfig, run_dir: Path, address: str | None = None, resume: boo
     finally:
         if roles is not None:
             try:
-                roles.stop()
+                roles.stop(cluster_ends=started)
             except Exception as e:  # already failing or interrupted: report and go on shutting down
                 log.warning("stopping the actors: %s", e)
         if started:

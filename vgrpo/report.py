@@ -167,7 +167,7 @@ def _svg(body: list[str], legend: list[tuple[str, str]]) -> str:
         f'<span class="key"><i style="background:{c}"></i>{html.escape(name)}</span>' for name, c in legend
     )
     return (
-        f'<svg viewBox="0 0 {_Frame.W} {_Frame.H}" xmlns="http://www.w3.org/2000/svg" role="img">'
+        f'<svg viewBox="0 0 {_Frame.W} {_Frame.H}" role="img">'
         + "".join(body)
         + "</svg>"
         + (f'<div class="legend">{leg}</div>' if legend else "")
