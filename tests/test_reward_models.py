@@ -328,3 +328,64 @@ def test_remote_reward_times_out_after_retries(service: tuple[str, type[_Service
     )
     with pytest.raises(RemoteRewardError, match="after 2 attempt"):
         remote.score([np.zeros((4, 4, 3), np.uint8)], ["a"])
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def test_evaluate_with_reward_tables(tmp_path: Path) -> None:
+    """GenEval's table is the mean of per-tag binary accuracies; OCR reports exact matches; the samples
+    use the same fixed seeds as the shapes benchmark."""
+    from vgrpo.evaluate import evaluate_with_reward, load_benchmark_rows
+    from vgrpo.policy import load_pipeline
+    from vgrpo.reward_servers.base import Reward, ScoredItem
+    from vgrpo.reward_servers.ocr import OcrPromptError
+
+    class Scripted(Reward):
+        """Correct for the `single_object` prompt, wrong for the others; OCR-like values by prompt."""
+
+        name = "scripted"
+
+        def score(self, images: Any, prompts: Any, metadata: Any = None) -> list[ScoredItem]:
+            assert metadata is not None and len(metadata) == len(images)
+            assert all(im.dtype == np.uint8 and im.ndim == 3 for im in images)
+            ok = [m["tag"] == "single_object" for m in metadata]
+            return [ScoredItem(1.0 if o else 0.25, details={"score": float(o), "raw": 20.0}) for o in ok]
+
+    rows_file = tmp_path / "meta.jsonl"
+    rows_file.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "tag": "single_object",
+                    "include": [{"class": "cat", "count": 1}],
+                    "prompt": "a photo of a cat",
+                },
+                {
+                    "tag": "counting",
+                    "include": [{"class": "cat", "count": 2}],
+                    "prompt": "a photo of two cats",
+                },
+                {
+                    "tag": "counting",
+                    "include": [{"class": "dog", "count": 2}],
+                    "prompt": "a photo of two dogs",
+                },
+            ]
+        )
+    )
+    rows = load_benchmark_rows(rows_file, "geneval")
+    pipe = load_pipeline("builtin:tiny-sd3")
+    result = evaluate_with_reward(pipe, rows, Scripted(), "geneval", images_per_prompt=2, num_steps=2)
+    assert result["families"] == {"single_object": 1.0, "counting": 0.0}
+    assert result["overall"] == 0.5  # mean of the tags, not of the images (which would be 1/3)
+    assert [im["seed"] for p in result["prompts"] for im in p["images"]] == list(range(6))
+    ocr = evaluate_with_reward(pipe, rows, Scripted(), "ocr", images_per_prompt=1, num_steps=2)
+    assert ocr["overall"] == pytest.approx(0.5) and ocr["exact_match"] == pytest.approx(1 / 3)
+    (tmp_path / "bad.txt").write_text('a sign saying "ok"\na prompt without a quote\n')
+    with pytest.raises(OcrPromptError, match="prompt 1"):
+        load_benchmark_rows(tmp_path / "bad.txt", "ocr")
+    (tmp_path / "nometa.jsonl").write_text('{"prompt": "a photo of a cat", "tag": "single_object"}\n')
+    with pytest.raises(ValueError, match="'include'"):
+        load_benchmark_rows(tmp_path / "nometa.jsonl", "geneval")

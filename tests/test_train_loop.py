@@ -13,11 +13,29 @@ from vgrpo.driver import TrainingError, check_staleness, derive_seeds, split_eve
 from vgrpo.proto.config import load_config
 
 FAST = [
-    "train.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4", "train.checkpoint_every=1",
-    "train.samples_every=1", "observability.progress=plain", "rollout.num_steps=4",
+    "train.steps=2",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "train.checkpoint_every=1",
+    "train.samples_every=1",
+    "observability.progress=plain",
+    "rollout.num_steps=4",
 ]
-CONTRACT = ["step", "policy_version", "reward_mean", "reward_std", "loss", "staleness", "images_per_s",
-            "time/rollout", "time/reward", "time/learner", "time/weight_sync", "time/step", "reward/shapes"]
+CONTRACT = [
+    "step",
+    "policy_version",
+    "reward_mean",
+    "reward_std",
+    "loss",
+    "staleness",
+    "images_per_s",
+    "time/rollout",
+    "time/reward",
+    "time/learner",
+    "time/weight_sync",
+    "time/step",
+    "reward/shapes",
+]
 
 
 def test_two_steps_end_to_end_on_ray(ray_cluster, tmp_path):

@@ -66,3 +66,30 @@ def load_run_pipeline(run_dir: Path, step: int | None, device: str = "cpu") -> t
         load_weights(pipe.transformer, weights)
     pipe.transformer.requires_grad_(False)
     return pipe, cfg, step
+
+
+def export_policy(run_dir: Path, step: int | None, out: Path, merge: bool = False) -> tuple[int, str]:
+    """Write the policy of ``step`` for diffusers users: LoRA weights that ``pipe.load_lora_weights(out)``
+    loads, or with ``merge`` (or a full-weight run) a whole pipeline for ``from_pretrained(out)``.
+    Returns (step, kind)."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipe, cfg, step = load_run_pipeline(run_dir, step)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.model.lora is not None and not merge:
+        state = get_peft_model_state_dict(pipe.transformer, adapter_name="default")
+        # the adapter's own config (rank, alpha, targets) travels in the file's metadata: without it
+        # diffusers would assume alpha = rank and scale the update differently than it was trained
+        meta = pipe.transformer.peft_config["default"].to_dict()
+        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+        type(pipe).save_lora_weights(str(out), transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
+        return step, "lora"
+    if cfg.model.lora is not None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in pipe.transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(adapter_names=["default"])
+        pipe.transformer.unload_lora()  # replace each LoRA wrapper by its (now merged) base layer
+    pipe.save_pretrained(str(out))
+    return step, "pipeline"

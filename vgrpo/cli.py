@@ -227,6 +227,24 @@ def score_cmd(
     raise typer.Exit(score_manifest([r.strip() for r in reward.split(",") if r.strip()], manifest, out))
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Option(..., "--run-dir", help="the training run"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    step: int | None = typer.Option(None, "--step", min=0, help="checkpoint step (default: the last)"),
+    merge: bool = typer.Option(False, "--merge", help="write a whole pipeline with the LoRA merged"),
+) -> None:
+    """Export a run's policy for diffusers: LoRA weights (pipe.load_lora_weights) or a merged pipeline."""
+    from vgrpo.checkpoints import RunDirError, export_policy
+
+    try:
+        step, kind = export_policy(run_dir, step, out, merge)
+    except RunDirError as e:
+        fail(str(e))
+    how = "pipe.load_lora_weights(DIR)" if kind == "lora" else "StableDiffusion3Pipeline.from_pretrained(DIR)"
+    typer.echo(f"exported step {step} ({kind}) to {out}; load with {how}")
+
+
 IDENTITY_KEYS = ("model.path", "model.lora", "algorithm.name", "train.seed")
 
 

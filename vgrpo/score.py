@@ -49,10 +49,12 @@ def _score_batch(
     batch: list[tuple[dict[str, Any], np.ndarray]], rewards: list[Reward], weights: dict[str, float]
 ) -> list[dict[str, Any]]:
     images, prompts = [b[1] for b in batch], [b[0]["prompt"] for b in batch]
+    # every other field of a line (e.g. GenEval's tag / include / exclude) is the item's metadata
+    metadata = [{k: v for k, v in b[0].items() if k not in ("image", "prompt")} for b in batch]
     per_reward: dict[str, list[ScoredItem]] = {}
     for r in rewards:
         try:
-            per_reward[r.name] = r.score(images, prompts)
+            per_reward[r.name] = r.score(images, prompts, metadata)
         except Exception as e:  # a reward's own failure: every line of the batch says so, the run goes on
             per_reward[r.name] = [ScoredItem(None, error=f"{type(e).__name__}: {e}") for _ in batch]
     out = []
