@@ -348,6 +348,10 @@ class Trainer:
         self.source = PromptSource.from_spec(
             cfg.data.train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle
         )
+        if "ocr" in cfg.reward.weights:  # an OCR prompt without quoted text fails now, not mid-run
+            from vgrpo.reward_servers.ocr import validate_prompts
+
+            validate_prompts([row["prompt"] for row in self.source.rows])
         self.step = 0
         self.version = 0
         self.pending: deque[PendingRollout] = deque()
