@@ -345,13 +345,16 @@ class Trainer:
         self.cfg, self.run = cfg, run
         from vgrpo.data import PromptSource
 
-        self.source = PromptSource.from_spec(
-            cfg.data.train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle
-        )
-        if "ocr" in cfg.reward.weights:  # an OCR prompt without quoted text fails now, not mid-run
-            from vgrpo.reward_servers.ocr import validate_prompts
+        try:
+            self.source = PromptSource.from_spec(
+                cfg.data.train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle
+            )
+            if "ocr" in cfg.reward.weights:  # an OCR prompt without quoted text fails now, not mid-run
+                from vgrpo.reward_servers.ocr import validate_prompts
 
-            validate_prompts([row["prompt"] for row in self.source.rows])
+                validate_prompts([row["prompt"] for row in self.source.rows])
+        except (ValueError, OSError) as e:
+            raise TrainingError(f"data.train_prompts = {cfg.data.train_prompts!r}: {e}") from None
         self.step = 0
         self.version = 0
         self.pending: deque[PendingRollout] = deque()
@@ -704,11 +707,11 @@ def train(cfg: RunConfig, run_dir: Path, address: str | None = None, resume: boo
     resolve_model_path(cfg.model.path)  # a missing model fails before any Ray session starts
     run = RunDir(run_dir)
     run.write_config(cfg)
+    trainer = Trainer(cfg, run)  # reads the prompt file: a bad one fails before Ray starts
     started = start_ray(cfg, address)
     install_stop_handlers()
     roles = None
     try:
-        trainer = Trainer(cfg, run)
         roles = Roles(cfg, cfg.train.timeout_s)
         return trainer.fit(roles, resume)
     finally:
