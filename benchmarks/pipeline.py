@@ -23,9 +23,17 @@ def run(staleness: int, steps: int, sets: list[str]) -> dict[str, float]:
     from vgrpo.driver import train
     from vgrpo.proto.config import load_config
 
-    cfg = load_config(None, [f"train.steps={steps}", f"train.max_staleness={staleness}",
-                             f"train.checkpoint_every={steps}", "observability.progress=off",
-                             "observability.tensorboard=false", *sets])
+    cfg = load_config(
+        None,
+        [
+            f"train.steps={steps}",
+            f"train.max_staleness={staleness}",
+            f"train.checkpoint_every={steps}",
+            "observability.progress=off",
+            "observability.tensorboard=false",
+            *sets,
+        ],
+    )
     with tempfile.TemporaryDirectory() as d:
         train(cfg, Path(d) / "run")
         rows = [json.loads(x) for x in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -55,8 +63,12 @@ def main() -> None:
         print(f"{k:<22}" + "".join(f"{results[name][k]:>18.3f}" for name in results))
     print(f"speed-up of max_staleness=1 over 0 (images/s): {speedup:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"steps": args.steps, "sets": args.sets, "results": results,
-                                    "speedup_staleness1": speedup}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {"steps": args.steps, "sets": args.sets, "results": results, "speedup_staleness1": speedup},
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

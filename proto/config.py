@@ -283,7 +283,9 @@ class ResourcesConfig(Section):
     num_cpus: float | None = Field(None, gt=0, description="CPUs of the embedded local Ray (None: all)")
     num_gpus: float | None = Field(None, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = "PACK"
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per actor (None: the node's cores)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per actor (None: the node's cores)"
+    )
 
 
 class ObservabilityConfig(Section):
@@ -293,6 +295,7 @@ class ObservabilityConfig(Section):
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # `progress: off` in a YAML file loads as False
+
     tensorboard: bool = True
     report: bool = True
     metrics_port: int | None = Field(None, ge=1, le=65535, description="driver Prometheus port (None: off)")

@@ -27,7 +27,9 @@ def fake_run(tmp_path):
     assert cfg.model.lora is not None
     add_lora(pipe.transformer, cfg.model.lora)
     g = torch.Generator().manual_seed(0)
-    state = {k: 0.05 * torch.randn(p.shape, generator=g) for k, p in trainable_params(pipe.transformer).items()}
+    state = {
+        k: 0.05 * torch.randn(p.shape, generator=g) for k, p in trainable_params(pipe.transformer).items()
+    }
     save_file(state, str(ckpt / "policy.safetensors"))
     (ckpt / "driver_state.json").write_text(json.dumps({"step": 3}))
     return run
@@ -51,6 +53,8 @@ def test_export_lora_and_merged_pipeline_match_the_policy(tmp_path):
     assert np.abs(img.astype(int) - ref.astype(int)).max() <= 1
 
     export_policy(run, None, tmp_path / "merged", merge=True)
-    merged = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "merged"), text_encoder_3=None, tokenizer_3=None)
+    merged = StableDiffusion3Pipeline.from_pretrained(
+        str(tmp_path / "merged"), text_encoder_3=None, tokenizer_3=None
+    )
     _, img2 = sample(merged, PROMPT, [7], num_steps=4)
     assert np.abs(img2.astype(int) - ref.astype(int)).max() <= 1

@@ -19,7 +19,9 @@ class RunDirError(ValueError):
 def run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise RunDirError(f"{path} does not exist; fix: --run-dir must be a directory written by `vgrpo train`")
+        raise RunDirError(
+            f"{path} does not exist; fix: --run-dir must be a directory written by `vgrpo train`"
+        )
     return load_config(path)
 
 
@@ -44,11 +46,15 @@ def policy_weights(run_dir: Path, step: int | None) -> tuple[int, dict[str, torc
         return 0, None
     steps = checkpoint_steps(run_dir)
     if not steps:
-        raise RunDirError(f"{run_dir} has no complete checkpoint; fix: --step 0 evaluates the starting policy")
+        raise RunDirError(
+            f"{run_dir} has no complete checkpoint; fix: --step 0 evaluates the starting policy"
+        )
     if step is None:
         step = steps[-1]
     if step not in steps:
-        raise RunDirError(f"{run_dir} has no checkpoint of step {step}; available: {steps} (and 0, the start)")
+        raise RunDirError(
+            f"{run_dir} has no checkpoint of step {step}; available: {steps} (and 0, the start)"
+        )
     return step, load_file(str(run_dir / "checkpoints" / f"step_{step}" / "policy.safetensors"))
 
 
@@ -82,7 +88,9 @@ def export_policy(run_dir: Path, step: int | None, out: Path, merge: bool = Fals
         # diffusers would assume alpha = rank and scale the update differently than it was trained
         meta = pipe.transformer.peft_config["default"].to_dict()
         meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-        type(pipe).save_lora_weights(str(out), transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
+        type(pipe).save_lora_weights(
+            str(out), transformer_lora_layers=state, transformer_lora_adapter_metadata=meta
+        )
         return step, "lora"
     if cfg.model.lora is not None:
         from peft.tuners.tuners_utils import BaseTunerLayer

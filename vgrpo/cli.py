@@ -260,9 +260,11 @@ def _resume_config(run_dir: Path, sets: list[str] | None) -> RunConfig:
         for part in key.split("."):
             a, b = getattr(a, part), getattr(b, part)
         if a != b:
-            fail(f"--resume: --set {key} would change the run's identity ({a!r} -> {b!r}); capacity "
-                 "(rollout.num_workers, learner.num_ranks, ...) may change on resume, identity may not; "
-                 "fix: start a new run with another --run-dir")
+            fail(
+                f"--resume: --set {key} would change the run's identity ({a!r} -> {b!r}); capacity "
+                "(rollout.num_workers, learner.num_ranks, ...) may change on resume, identity may not; "
+                "fix: start a new run with another --run-dir"
+            )
     return cfg
 
 
@@ -274,7 +276,9 @@ def train_cmd(
         None, "--address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)"
     ),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="run directory (default: runs/<name>)"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --run-dir from its last checkpoint"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue the run in --run-dir from its last checkpoint"
+    ),
 ) -> None:
     """Train a policy online: rollout workers, reward servers and a DeepSpeed learner on Ray."""
     import time

@@ -7,21 +7,25 @@ Architecture (every part a stock diffusers / transformers class, so any diffuser
            └─ CLIPTextModelWithProjection #2  hidden 64, proj 32  ─┘ features (128 = joint_attention_dim);
                                                                      pooled = [proj1, proj2] (64)
     image 64×64×3 ──AutoencoderKL (factor 4)──► latent 4×16×16 ──SD3Transformer2DModel (patch 2 → 64
-    tokens, width 96, 4 joint blocks)──► velocity;  FlowMatchEulerDiscreteScheduler (shift 1); no T5.
+    tokens, width 96, 4 joint blocks)──► velocity;  FlowMatchEulerDiscreteScheduler (shift 3); no T5.
 
-Pretraining (``pretrain``) has two stages, both seeded:
+Pretraining (``pretrain``) has two stages, each with its own seeded RNG streams:
 
-1. the VAE on rendered GenEval-Shapes scenes: L1 + L2 reconstruction, edge- and object-weighted (flat
-   colour shapes on grey: most pixels are background, the detector lives on edges and interiors), tiny
-   KL; then ``shift_factor``/``scaling_factor`` from the latent statistics (SD3's normalisation);
-2. the transformer and both text encoders with the rectified-flow loss (ALGORITHMS.md §1)
-   ``‖v_θ(x_t, t, c) − (ε − x0)‖²``, ``x_t = (1−t)·x0 + t·ε``, ``t ~ logit-normal`` (SD3), on pairs
-   ``(render(scene_for_prompt(p)), p)`` from the training split, 10 % caption dropout (CFG possible),
-   constant learning rate and an EMA of the weights (the shipped weights are the EMA).
+1. the VAE on rendered GenEval-Shapes scenes (random 32 px crops: it is fully convolutional): L1 + L2
+   reconstruction, edge- and object-weighted (flat colour shapes on grey: most pixels are background,
+   the detector lives on edges and interiors), tiny KL; then ``shift_factor``/``scaling_factor`` from the
+   latent statistics (SD3's normalisation);
+2. the transformer (adaLN-Zero init) and both text encoders with the rectified-flow loss (ALGORITHMS.md
+   §1) ``‖v_θ(x_t, t, c) − (ε − x0)‖²``, ``x_t = (1−t)·x0 + t·ε``, ``t`` logit-normal then SD3-shifted,
+   on pairs ``(render(scene_for_prompt(p)), p)`` (the training split plus the six single-object captions,
+   see :func:`pretraining_prompts`), 10 % caption dropout (CFG possible), constant learning rate and an
+   EMA of the weights (the shipped weights are the EMA; with a constant rate, the checkpoint at step N is
+   the model of a run with ``flow_steps = N``).
 
-The training mix is deliberately skewed to single-object and colour prompts: the shipped model knows
-shapes and colours but composes poorly (counting, position, attribution), leaving RL headroom as
-SD3.5-Medium leaves on GenEval.
+The training mix is skewed to single-object and colour captions, so that the model learns shapes and
+colours before composition (RL headroom, as SD3.5-Medium leaves on GenEval). Measured status: on the
+shared 2-core machine the recipe's budget gives a model that follows colours but draws blobs rather than
+clean shapes (see the session report); more flow steps are the known remedy.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ class PretrainConfig:
     vae_kl_weight: float = 1e-6
     # stage 2: transformer + text encoders
     flow_pairs: int = 16000
-    flow_steps: int = 2000
+    flow_steps: int = 8000
     flow_batch: int = 48
     flow_lr: float = 1e-3
     warmup_steps: int = 100
@@ -94,9 +98,8 @@ class PretrainConfig:
         }
     )
     adaln_zero: bool = True  # DiT's adaLN-Zero init of the transformer (see adaln_zero_init)
-    # SD3's time shift s for training times, t = s·u / (1 + (s-1)·u) with u ~ logit-normal(0, 1), and saved
-    # as the scheduler's shift for sampling: a small object's layout is decided at high noise (measured: at
-    # s = 1 the model denoised t <= 0.6 well, yet sampled blobs, as t > 0.7 was rarely trained)
+    # SD3's time shift s for training times, t = s·u / (1 + (s-1)·u) with u ~ logit-normal(0, 1), saved as
+    # the scheduler's shift for sampling (more training at high noise, where a small object's layout is set)
     shift: float = SCHEDULER_SHIFT
     heads: int = 3  # transformer width = 32·heads
     layers: int = 4
