@@ -540,6 +540,8 @@ def _deployment_options(name: str, cfg: RewardServerConfig) -> dict[str, Any]:
         "max_ongoing_requests": max_ongoing,
         "ray_actor_options": {"num_cpus": cfg.cpus, "num_gpus": cfg.gpus},
     }
+    if cfg.custom_resources:
+        opts["ray_actor_options"]["resources"] = dict(cfg.custom_resources)
     if cfg.num_replicas == "auto":
         if cfg.min_replicas > cfg.max_replicas:
             raise ValueError(

@@ -507,11 +507,14 @@ def pretrain(
     config: PretrainConfig | None = None,
     log: Callable[[str], None] = print,
     vae_from: str | Path | None = None,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Rebuild the shipped tiny model from ``seed``: VAE, then transformer + text encoders; saves the
     diffusers folder to ``out_dir`` (plus ``pretrain.json`` with the config and timings). ``vae_from``
     reuses a stage-1 VAE saved by an earlier run with the same seed (each stage has its own RNG streams,
-    so the result is the same as running both)."""
+    so the result is the same as running both). ``init_from`` starts stage 2 from a saved pipeline's
+    transformer and text encoders (and takes its VAE): a refinement stage, e.g. a lower learning rate
+    after a constant-rate run (the shipped model's recipe, see its ``pretrain.json``)."""
     from diffusers import AutoencoderKL as VAE
 
     from vgrpo.policy import encode_images
@@ -526,7 +529,13 @@ def pretrain(
     pipe = build_pipeline(
         seed, adaln_zero=cfg.adaln_zero, shift=cfg.shift, heads=cfg.heads, layers=cfg.layers
     )
-    if vae_from is not None:
+    if init_from is not None:
+        from vgrpo.policy import load_pipeline
+
+        pipe = load_pipeline(init_from)
+        pipe.vae.requires_grad_(False)
+        log(f"stage 2 starts from {init_from} (its VAE reused)")
+    elif vae_from is not None:
         pipe.vae = VAE.from_pretrained(str(vae_from))
         pipe.vae.requires_grad_(False)
         log(f"stage 1 reused from {vae_from}")
@@ -553,9 +562,10 @@ def pretrain(
     ema_pipe = train_flow(pipe, prompts, latents, cfg, log, on_checkpoint=checkpoint)
     save_pipeline(ema_pipe, out)
     total = time.perf_counter() - t_start
-    (out / "pretrain.json").write_text(
-        json.dumps({"config": asdict(cfg), "vae_s": round(t_vae, 1), "total_s": round(total, 1)}, indent=2)
-    )
+    record = {"config": asdict(cfg), "vae_s": round(t_vae, 1), "total_s": round(total, 1)}
+    if init_from is not None:
+        record["init_from"] = str(init_from)
+    (out / "pretrain.json").write_text(json.dumps(record, indent=2))
     log(f"saved {out} in {total:.0f}s")
     return out
 
