@@ -68,6 +68,11 @@ def pretrain_tiny_cmd(
     checkpoint_every: int = typer.Option(
         0, "--checkpoint-every", help="also save the EMA pipeline every N flow steps"
     ),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="refine a saved pipeline (stage 2 only, its VAE reused)"
+    ),
+    flow_steps: int | None = typer.Option(None, "--flow-steps", min=1, help="stage-2 steps"),
+    flow_lr: float | None = typer.Option(None, "--flow-lr", min=0.0, help="stage-2 learning rate"),
 ) -> None:
     """Rebuild the tiny SD3 model of the embedded default from a seed (VAE, then transformer + text encoders)."""
     from vgrpo.tiny_sd3 import PretrainConfig, pretrain
@@ -75,7 +80,12 @@ def pretrain_tiny_cmd(
     def log(message: str) -> None:
         typer.echo(message)
 
-    path = pretrain(out, seed=seed, config=PretrainConfig(checkpoint_every=checkpoint_every), log=log)
+    cfg = PretrainConfig(checkpoint_every=checkpoint_every)
+    if flow_steps is not None:
+        cfg.flow_steps = flow_steps
+    if flow_lr is not None:
+        cfg.flow_lr = flow_lr
+    path = pretrain(out, seed=seed, config=cfg, log=log, init_from=init_from)
     typer.echo(f"saved the tiny SD3 pipeline to {path}; evaluate it with: vgrpo eval --model {path}")
 
 
@@ -97,9 +107,15 @@ def eval_cmd(
         "builtin:shapes/heldout", "--prompts", help="prompt file (.jsonl / .txt) or builtin:shapes/<split>"
     ),
     out: Path | None = typer.Option(None, "--out", help="write the JSON result here"),
-    images_per_prompt: int = typer.Option(4, "--images-per-prompt", min=1, help="GenEval samples 4"),
-    num_steps: int = typer.Option(10, "--num-steps", min=1, help="sampler steps"),
-    guidance_scale: float = typer.Option(1.0, "--guidance-scale", min=0.0, help="CFG w (1 = off)"),
+    images_per_prompt: int | None = typer.Option(
+        None, "--images-per-prompt", min=1, help="default data.eval_images_per_prompt (GenEval: 4)"
+    ),
+    num_steps: int | None = typer.Option(
+        None, "--num-steps", min=1, help="sampler steps (default data.eval_num_steps)"
+    ),
+    guidance_scale: float | None = typer.Option(
+        None, "--guidance-scale", min=0.0, help="CFG w, 1 = off (default data.eval_guidance_scale)"
+    ),
     sampler: str = typer.Option("dpm2", "--sampler", help="deterministic ODE solver: dpm2 or euler"),
     seed: int = typer.Option(0, "--seed", help="first image seed (fixed seeds make evaluations comparable)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per sampler forward pass"),
@@ -162,6 +178,8 @@ def eval_cmd(
     if step is not None and run_dir is None:
         fail("--step needs --run-dir")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # sampler settings: flags, else --config's data.eval_*, else the run's, else the defaults
+    eval_data = resolve_config(config, None).data if config is not None else RunConfig().data
     try:
         if run_dir is not None:
             from vgrpo.checkpoints import RunDirError, load_run_pipeline
@@ -171,8 +189,8 @@ def eval_cmd(
             except RunDirError as e:
                 fail(str(e))
             model = f"{run_dir} step {step}"
-            r = run_cfg.rollout
-            num_steps, guidance_scale = r.num_steps, r.guidance_scale
+            if config is None:
+                eval_data = run_cfg.data
         else:
             pipe = load_pipeline(str(model), dtype=torch.float32, device=device)
     except ModelPathError as e:
@@ -180,10 +198,10 @@ def eval_cmd(
     from typing import Any
 
     eval_kwargs: dict[str, Any] = dict(
-        images_per_prompt=images_per_prompt,
+        images_per_prompt=images_per_prompt or eval_data.eval_images_per_prompt,
         seed=seed,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
+        num_steps=num_steps or eval_data.eval_num_steps,
+        guidance_scale=eval_data.eval_guidance_scale if guidance_scale is None else guidance_scale,
         sampler=sampler,
         batch_size=batch_size,
         keep_images=grid is not None,
@@ -199,7 +217,7 @@ def eval_cmd(
     print_table(result, titles[benchmark])
     if grid is not None:
         captions = [p["prompt"] for p in result["prompts"] for _ in p["images"]]
-        save_grid(result["images"], captions, grid, columns=max(4, images_per_prompt * 2))
+        save_grid(result["images"], captions, grid, columns=max(4, eval_kwargs["images_per_prompt"] * 2))
         typer.echo(f"grid: {grid}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,10 +297,25 @@ def train_cmd(
     resume: bool = typer.Option(
         False, "--resume", help="continue the run in --run-dir from its last checkpoint"
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="validate the config and print the placement plan against the cluster, start nothing; "
+        "exit 0 fits, 2 config error, 3 does not fit",
+    ),
+    resources: str | None = typer.Option(
+        None,
+        "--resources",
+        metavar="JSON",
+        help='with --dry-run: the cluster, e.g. \'{"GPU": 64, "CPU": 1024}\' or a per-node list '
+        '\'[{"GPU": 8, "CPU": 96}, ...]\' (default: --address\'s cluster, else this machine)',
+    ),
 ) -> None:
     """Train a policy online: rollout workers, reward servers and a DeepSpeed learner on Ray."""
     import time
 
+    if resources is not None and not dry_run:
+        fail("--resources describes a cluster for --dry-run; fix: add --dry-run (or drop --resources)")
     if resume:
         if run_dir is None:
             fail("--resume needs --run-dir DIR (the run to continue)")
@@ -291,9 +324,18 @@ def train_cmd(
         cfg = _resume_config(run_dir, sets)
     else:
         cfg = resolve_config(config, sets)
-        if run_dir is None:
-            run_dir = Path("runs") / (cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    assert run_dir is not None
+    from vgrpo import storage
+
+    try:
+        storage.check_storage(cfg.train.storage, check_path=not dry_run)
+    except ConfigError as e:
+        fail("invalid configuration:\n" + "\n".join(f"  - {p}" for p in e.problems))
+    run_name = run_dir.name if run_dir is not None else cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")
+    mirror_to = storage.remote_run_dir(cfg.train.storage, run_name)
+    if run_dir is None:
+        run_dir = storage.default_run_dir(cfg.train.storage, run_name)
+    if dry_run:
+        raise typer.Exit(_dry_run(cfg, address, resources, run_dir, mirror_to))
     from vgrpo.policy import ModelPathError, resolve_model_path
 
     try:
@@ -311,7 +353,60 @@ def train_cmd(
         raise typer.Exit(130) from None
     except TrainingError as e:
         fail(str(e), code=1)
+    finally:
+        if mirror_to is not None and run_dir.is_dir():
+            try:
+                n = storage.mirror_run_dir(run_dir, mirror_to)
+                typer.echo(f"mirrored {n} files of {run_dir} to {mirror_to}", err=True)
+            except Exception as e:  # the run's own outcome matters more; say what was not copied
+                typer.echo(f"warning: could not mirror {run_dir} to {mirror_to}: {e}", err=True)
     typer.echo(f"done: {last} steps; run directory {run_dir}")
+
+
+def _dry_run(
+    cfg: RunConfig, address: str | None, resources: str | None, run_dir: Path, mirror_to: str | None
+) -> int:
+    """`vgrpo train --dry-run`: the placement plan against --resources, --address's cluster or this
+    machine; 0 fits, 2 configuration error, 3 does not fit. Checks no model path and starts no Ray
+    (unless --address is given, to read that cluster's resources)."""
+    import os
+
+    from vgrpo import placement
+
+    try:
+        placement.check_reward_names(cfg)
+        if resources is not None:
+            nodes, aggregate = placement.parse_resources(resources)
+            source = "--resources"
+        elif address or os.environ.get("RAY_ADDRESS"):
+            where = address or os.environ["RAY_ADDRESS"]
+            try:
+                nodes = placement.cluster_from_address(where)
+            except (ConnectionError, RuntimeError, TimeoutError, ValueError) as e:
+                fail(f"--address {where}: cannot read the cluster's resources ({e})", code=1)
+            aggregate, source = False, f"the cluster at {where}"
+        else:
+            nodes, aggregate = placement.local_cluster(cfg), False
+            source = "this machine, as the embedded Ray would see it"
+        plan = placement.plan_placement(cfg, nodes, aggregate, source)
+    except ConfigError as e:
+        fail("invalid configuration:\n" + "\n".join(f"  - {p}" for p in e.problems))
+    except placement.ResourcesError as e:
+        fail(str(e))
+    typer.echo(
+        f"config: valid ({cfg.algorithm.name}, model {cfg.model.path}, rewards {', '.join(cfg.reward.weights)})"
+    )
+    typer.echo(f"run directory: {run_dir}" + (f" (mirrored to {mirror_to})" if mirror_to else ""))
+    typer.echo(placement.format_plan(plan))
+    if plan.fits:
+        return 0
+    typer.echo(
+        f"error: the cluster cannot hold this plan ({', '.join(plan.short)} short); fix: a bigger cluster, "
+        "or fewer actors/resources (rollout.num_workers, learner.num_ranks, reward.servers.<name>.num_replicas, "
+        "*.gpus / cpus)",
+        err=True,
+    )
+    return 3
 
 
 @app.command("serve-rewards")
@@ -354,6 +449,125 @@ def report_cmd(
 
     path = write_report(run_dir)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB)")
+
+
+@app.command("plan")
+def plan_cmd(
+    gpus: int | None = typer.Option(None, "--gpus", min=1, help="GPUs of the cluster, e.g. --gpus 64"),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="YAML run configuration (default: the SD3.5-Medium V-GRPO recipe, configs/ or built in)",
+    ),
+    sets: list[str] | None = SET_OPT,
+    embedded: bool = typer.Option(
+        False, "--embedded", help="plan the embedded default (tiny SD3 + GenEval-Shapes) instead"
+    ),
+    batch: str | None = typer.Option(
+        None, "--batch", metavar="PxG", help="target batch: prompts x group size (default: the config's)"
+    ),
+    cpus: int | None = typer.Option(None, "--cpus", min=1, help="a CPU-only cluster of N cores instead"),
+    resources: str | None = typer.Option(
+        None,
+        "--resources",
+        metavar="JSON",
+        help='cluster as JSON or a JSON file: ray.cluster_resources() ({"GPU": 64, "CPU": 512}) or '
+        '{"nodes": [...]}, optionally "gpu_memory_gb"',
+    ),
+    staleness: int | None = typer.Option(
+        None, "--staleness", min=0, help="train.max_staleness to plan for (default: the config's)"
+    ),
+    measure: bool = typer.Option(
+        False, "--measure", help="measure the per-phase costs on this machine with the real engines (~1 min)"
+    ),
+    costs_file: Path | None = typer.Option(
+        None, "--costs", help="per-phase costs from a JSON (--save-costs output) or a run's metrics.jsonl"
+    ),
+    save_costs: Path | None = typer.Option(None, "--save-costs", help="write the costs used to this JSON"),
+    gpu_type: str = typer.Option("H100", "--gpu-type", help="for FLOP estimates: H100, H200, A100, B200"),
+    granularity: str = typer.Option(
+        "prompt", "--granularity", help="prompt: whole groups per worker/rank (the driver); image: ideal"
+    ),
+    out: Path | None = typer.Option(None, "--out", help="also write the plan as JSON"),
+) -> None:
+    """Predict the throughput-optimal split of a cluster between rollout, reward and learner, the images/s
+    and the bottleneck, from measured, benchmarked or FLOP-estimated per-phase costs."""
+    import json
+    import os
+
+    from vgrpo import plan as PL
+
+    if sum(x is not None for x in (gpus, cpus, resources)) > 1:
+        fail("give one of --gpus N, --cpus N or --resources JSON")
+    if granularity not in ("prompt", "image"):
+        fail(f"--granularity {granularity!r}: choose prompt or image")
+    if measure and costs_file is not None:
+        fail("give --measure or --costs, not both")
+    if config is not None or embedded:
+        cfg = resolve_config(config, sets)
+        title = (
+            str(config) if config is not None else "the embedded default (tiny SD3 + GenEval-Shapes, V-GRPO)"
+        )
+    else:
+        try:
+            cfg, title = PL.default_config(sets)
+        except ConfigError as e:
+            fail("invalid configuration:\n" + "\n".join(f"  - {p}" for p in e.problems))
+    try:
+        work = PL.workload_of(cfg, batch, staleness)
+        work.granularity = granularity  # type: ignore[assignment]
+        if resources is not None:
+            cluster = PL.parse_resources(resources)
+        elif gpus is not None:
+            cluster = PL.Cluster(gpus, "GPU")
+        elif cpus is not None:
+            cluster = PL.Cluster(cpus, "CPU", cpus=cpus, devices_per_node=cpus, memory_gb=1e9)
+        elif measure or embedded:
+            n = os.cpu_count() or 1
+            cluster = PL.Cluster(n, "CPU", cpus=n, devices_per_node=n, memory_gb=1e9)
+        else:
+            fail("give the cluster: --gpus N (e.g. --gpus 64), --cpus N or --resources JSON")
+
+        def costs_for(w: PL.Workload) -> PL.Costs:
+            if measure:
+                typer.echo("measuring per-phase costs on this machine ...", err=True)
+                return PL.measure_costs(cfg, w, log=lambda m: typer.echo(m, err=True))
+            if costs_file is not None:
+                return PL.load_costs(costs_file)
+            return PL.estimate_costs(cfg, w, "CPU" if cluster.kind == "CPU" else gpu_type)
+
+        costs = costs_for(work)
+        if costs.device != cluster.kind:
+            fail(
+                f"the costs are per {costs.device} ({costs.source}) but the cluster is of {cluster.kind}s; "
+                f"fix: {'--cpus N' if costs.device == 'CPU' else '--gpus N'}, or costs measured on a "
+                f"{cluster.kind}"
+            )
+        result = PL.make_plan(costs, work, cluster)
+        sync = None
+        if work.max_staleness >= 1:
+            w0 = PL.Workload(work.prompts, work.group_size, 0, work.granularity)
+            c0 = (
+                costs
+                if (measure or costs_file)
+                else PL.estimate_costs(cfg, w0, "CPU" if cluster.kind == "CPU" else gpu_type)
+            )
+            sync = PL.make_plan(c0, w0, cluster)
+    except PL.InfeasibleError as e:
+        fail(str(e), code=3)
+    except PL.PlanError as e:
+        fail(str(e))
+    for line in PL.render(result, title, sync):
+        typer.echo(line)
+    if save_costs is not None:
+        save_costs.parent.mkdir(parents=True, exist_ok=True)
+        save_costs.write_text(json.dumps(costs.to_json(), indent=1))
+        typer.echo(f"wrote {save_costs}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(PL.plan_to_json(result), indent=1))
+        typer.echo(f"wrote {out}")
 
 
 def main() -> None:
