@@ -108,7 +108,12 @@ class RolloutConfig(Section):
     sampler: Literal["auto", "euler", "dpm2", "sde"] = Field(
         "auto", description="auto follows the objective: dpm2 ODE for the ELBO family, sde for flow_grpo"
     )
-    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance w (1 = off)")
+    guidance_scale: float = Field(
+        5.0,
+        ge=0,
+        description="classifier-free guidance w (1 = off); the embedded default samples with the held-out "
+        "evaluation's w (data.eval_guidance_scale), as DGPO's default samples SD3.5-M with CFG 4.5",
+    )
     shift: float | None = Field(None, gt=0, description="SD3 sigma shift; None reads the scheduler's")
     height: int | None = Field(None, ge=8, description="None: the model's native size")
     width: int | None = Field(None, ge=8)
@@ -210,6 +215,11 @@ class VGRPOConfig(Section):
     inner_steps: int = Field(1, ge=1, description="gradient steps per rollout batch")
     t_min: float = Field(0.02, ge=0, lt=1, description="training times avoid t=0 and t=1")
     t_max: float = Field(0.98, gt=0, le=1)
+    guided_training: bool = Field(
+        False,
+        description="score samples with the CFG velocity the rollout used (rollout.guidance_scale): the "
+        "trained object is what is sampled; doubles the learner's forwards",
+    )
     advantage: AdvantageConfig = Field(
         default_factory=lambda: AdvantageConfig(norm="group", clip=None, soft_clip=3.0)
     )
@@ -283,7 +293,7 @@ class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1, description="learner actors in one DeepSpeed ZeRO group")
     zero_stage: Literal[0, 1, 2, 3] = 2
     optimizer: Literal["adamw"] = "adamw"
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-3, gt=0, description="LoRA rate of the tiny default; the SD3.5-M recipes use 3e-4")
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
@@ -310,12 +320,12 @@ class LearnerConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(40, ge=1, description="training steps (each publishes a new policy version)")
+    steps: int = Field(160, ge=1, description="training steps (each publishes a new policy version)")
     seed: int = 0
     max_staleness: int = Field(0, ge=0, description="0 = synchronous; k = rollouts may lag k versions")
-    checkpoint_every: int = Field(10, ge=1, description="steps; the last step is always checkpointed")
+    checkpoint_every: int = Field(20, ge=1, description="steps; the last step is always checkpointed")
     eval_every: int = Field(0, ge=0, description="steps between held-out evaluations (0: never)")
-    samples_every: int = Field(10, ge=1, description="steps between sample grids")
+    samples_every: int = Field(20, ge=1, description="steps between sample grids")
     keep_checkpoints: int = Field(3, ge=1)
     ema: float | None = Field(None, gt=0, lt=1, description="EMA decay of the policy for eval/export")
     run_name: str | None = None

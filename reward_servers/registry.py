@@ -52,6 +52,20 @@ def available_rewards() -> list[str]:
     return sorted({*_BUILTIN, *_REGISTERED, *_entry_points()})
 
 
+def is_resolvable(name: str, known: set[str] | None = None) -> bool:
+    """Whether ``name`` is an available reward or a ``module:Class`` whose module can be found — checked
+    without importing any reward model, so a typo fails before anything starts."""
+    import importlib.util
+
+    if name in (known if known is not None else set(available_rewards())):
+        return True
+    module = name.partition(":")[0] if ":" in name else ""
+    try:
+        return bool(module) and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def reward_factory(name: str) -> RewardFactory | None:
     """The factory `register_reward` holds for `name` in this process (None for built-ins, entry points
     and paths, which every process resolves by itself)."""

@@ -19,7 +19,6 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -511,14 +510,7 @@ def check_reward_names(names: Sequence[str]) -> None:
     `module:Class` — before anything is started, so that a typo costs a second, not a cluster."""
     known = set(registry.available_rewards())
     for name in names:
-        if name in known:
-            continue
-        module = name.partition(":")[0] if ":" in name else ""
-        try:
-            found = bool(module) and importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
+        if not registry.is_resolvable(name, known):
             raise registry.UnknownRewardError(
                 f"unknown reward {name!r}; available: {', '.join(sorted(known))} "
                 "(or a plug-in as package.module:ClassName)"

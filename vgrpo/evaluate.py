@@ -64,6 +64,36 @@ def _clause_failures(verdict: Any) -> list[str]:
     return [f"{c.description}: {c.why}" for c in verdict.clauses if not c.passed]
 
 
+def _sampled_chunks(
+    pipe: StableDiffusion3Pipeline,
+    rows: list[dict[str, Any]],
+    images_per_prompt: int,
+    seed: int,
+    batch_size: int,
+    num_steps: int,
+    guidance_scale: float,
+    sampler: Sampler,
+    shift: float | None,
+) -> Any:
+    """Yields ``(chunk, prompts, seeds, images_bhwc)`` over every (prompt i, image j) in batches; image
+    (i, j) has seed ``seed + i * images_per_prompt + j`` whatever the batch size (comparable runs)."""
+    jobs = [(i, j) for i in range(len(rows)) for j in range(images_per_prompt)]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        prompts = [rows[i]["prompt"] for i, _ in chunk]
+        seeds = [seed + i * images_per_prompt + j for i, j in chunk]
+        _, images_bhwc = sample(
+            pipe,
+            prompts,
+            seeds,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            shift=shift,
+        )
+        yield chunk, prompts, seeds, images_bhwc
+
+
 def evaluate_policy(
     pipe: StableDiffusion3Pipeline,
     rows: list[dict[str, Any]],
@@ -81,24 +111,13 @@ def evaluate_policy(
     from vgrpo.shapes.detector import detect
     from vgrpo.shapes.reward import evaluate
 
-    jobs = [(i, j) for i in range(len(rows)) for j in range(images_per_prompt)]
     all_images: list[np.ndarray] = []
     per_prompt: list[dict[str, Any]] = [
         {"prompt": r["prompt"], "tag": r.get("tag", "unknown"), "images": []} for r in rows
     ]
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        prompts = [rows[i]["prompt"] for i, _ in chunk]
-        seeds = [seed + i * images_per_prompt + j for i, j in chunk]
-        _, images_bhwc = sample(
-            pipe,
-            prompts,
-            seeds,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            sampler=sampler,
-            shift=shift,
-        )
+    for chunk, _, seeds, images_bhwc in _sampled_chunks(
+        pipe, rows, images_per_prompt, seed, batch_size, num_steps, guidance_scale, sampler, shift
+    ):
         for (i, _), s, image_hwc in zip(chunk, seeds, images_bhwc, strict=True):
             verdict = evaluate(rows[i]["prompt"], detect(image_hwc))
             per_prompt[i]["images"].append(
@@ -125,7 +144,7 @@ def evaluate_policy(
         "overall": float(np.mean(list(families.values()))) if families else 0.0,
         "families": families,
         "prompts": per_prompt,
-        "num_images": len(jobs),
+        "num_images": len(rows) * images_per_prompt,
         "settings": {
             "images_per_prompt": images_per_prompt,
             "seed": seed,
@@ -283,26 +302,15 @@ def evaluate_with_reward(
     An image the reward cannot score counts 0 and is listed with its error (``num_errors``)."""
     if benchmark not in REWARD_BENCHMARKS:
         raise ValueError(f"benchmark {benchmark!r}: want one of {', '.join(REWARD_BENCHMARKS)}")
-    jobs = [(i, j) for i in range(len(rows)) for j in range(images_per_prompt)]
     per_prompt: list[dict[str, Any]] = [
         {"prompt": r["prompt"], "tag": r.get("tag", benchmark), "images": []} for r in rows
     ]
     all_images: list[np.ndarray] = []
     values: list[float] = []
     errors = 0
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        prompts = [rows[i]["prompt"] for i, _ in chunk]
-        seeds = [seed + i * images_per_prompt + j for i, j in chunk]
-        _, images_bhwc = sample(
-            pipe,
-            prompts,
-            seeds,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            sampler=sampler,
-            shift=shift,
-        )
+    for chunk, prompts, seeds, images_bhwc in _sampled_chunks(
+        pipe, rows, images_per_prompt, seed, batch_size, num_steps, guidance_scale, sampler, shift
+    ):
         items = reward.score(list(images_bhwc), prompts, [rows[i] for i, _ in chunk])
         for (i, _), s, item in zip(chunk, seeds, items, strict=True):
             record: dict[str, Any] = {"seed": s}
@@ -340,7 +348,7 @@ def evaluate_with_reward(
         "reward_mean": float(np.mean(values)) if values else 0.0,
         "num_errors": errors,
         "prompts": per_prompt,
-        "num_images": len(jobs),
+        "num_images": len(rows) * images_per_prompt,
         "settings": {
             "images_per_prompt": images_per_prompt,
             "seed": seed,

@@ -140,21 +140,12 @@ def gpu_problems(cfg: RunConfig) -> list[str]:
 
 def check_reward_names(cfg: RunConfig) -> None:
     """Unknown reward names are configuration errors (checked without importing any reward model)."""
-    import importlib.util
-
-    from vgrpo.reward_servers.registry import available_rewards
+    from vgrpo.reward_servers.registry import available_rewards, is_resolvable
 
     known = set(available_rewards())
     problems = []
     for name in cfg.reward.weights:
-        if name in known:
-            continue
-        module = name.partition(":")[0] if ":" in name else ""
-        try:
-            found = bool(module) and importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
+        if not is_resolvable(name, known):
             problems.append(
                 f"reward.weights.{name}: unknown reward; available: {', '.join(sorted(known))} "
                 "(or a plug-in as package.module:ClassName)"
