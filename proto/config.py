@@ -212,6 +212,12 @@ class VGRPOConfig(Section):
     n_mc: int = Field(4, ge=1, description="(t, eps) pairs per image, shared by the prompt's group")
     clip_eps: float = Field(0.01, ge=0, description="ratio clip epsilon")
     kl_beta: float = Field(0.0, ge=0, description="KL-to-old weight (active when the ratio != 1)")
+    ref_kl_beta: float = Field(
+        0.5,
+        ge=0,
+        description="weight of mean_d (x0_hat - x0_hat_ref)^2 to the frozen starting policy (LoRA off), "
+        "as Flow-GRPO and DGPO regularise; guards a partial-credit reward against drift into fragments",
+    )
     inner_steps: int = Field(1, ge=1, description="gradient steps per rollout batch")
     t_min: float = Field(0.02, ge=0, lt=1, description="training times avoid t=0 and t=1")
     t_max: float = Field(0.98, gt=0, le=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -178,6 +179,29 @@ def test_vgrpo_kl_to_old_is_zero_when_equal_and_positive_after_a_change(world, p
         next(policy.current.parameters()).add_(0.1)
     _, diag2 = obj.loss(policy, batch, torch.Generator().manual_seed(0))
     assert diag2["kl"] > 0 and diag2["ratio_max_dev"] > 0
+
+
+def test_vgrpo_reference_kl_is_opt_in_and_pulls_back_to_the_reference(world, policy):
+    sigmas = sd3_sigmas(10, 1.0)
+    assert not VGRPO(VGRPOConfig()).uses_ref()
+    obj = VGRPO(VGRPOConfig(ref_kl_beta=1.0))
+    assert obj.uses_ref()
+    batch = make_batch(world, policy, obj, sigmas)
+    _, diag = obj.loss(policy, batch, torch.Generator().manual_seed(0))
+    assert diag["kl_ref"] == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        for p in policy.current.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = dataclasses.replace(batch, advantages_b=torch.zeros_like(batch.advantages_b))  # KL alone
+    loss, diag = obj.loss(policy, batch, torch.Generator().manual_seed(0))
+    assert diag["kl_ref"] > 0
+    policy.current.zero_grad()
+    loss.backward()
+    with torch.no_grad():  # a small step along -grad lowers the distance to the reference
+        for p in policy.current.parameters():
+            p.sub_(1e-2 * p.grad)
+    _, after = obj.loss(policy, batch, torch.Generator().manual_seed(0))
+    assert after["kl_ref"] < diag["kl_ref"]
 
 
 # ---------------------------------------------------------------------------------------------- others

@@ -44,14 +44,15 @@ class DGPO(Objective):
         count_g = torch.bincount(group_b, minlength=len(groups)).double()
         adv_b = batch.advantages_b.double()
 
-        total = torch.zeros((), dtype=torch.float64)
+        dev = x0_bchw.device  # draws come from the CPU generator (reproducible), then move to the batch
+        total = torch.zeros((), dtype=torch.float64, device=dev)
         drop_frac = weight_mean = 0.0
         for idx in pick.tolist():
             t = float(batch.sigmas[idx])
-            eps_gchw = torch.randn((len(groups), *x0_bchw.shape[1:]), generator=generator)
+            eps_gchw = torch.randn((len(groups), *x0_bchw.shape[1:]), generator=generator).to(dev)
             eps_bchw = eps_gchw[group_b]
             x_t = (1 - t) * x0_bchw + t * eps_bchw
-            t_b = torch.full((len(batch),), t)
+            t_b = torch.full((len(batch),), t, device=dev)
             target = eps_bchw - x0_bchw
             v = policy.velocity(x_t, t_b, batch.cond, "current").float()
             loss_b = mean_d((target - v).double() ** 2)
@@ -66,7 +67,7 @@ class DGPO(Objective):
                     )
                 ratio_b = torch.exp(loss_old_b - loss_b.detach())
                 drop_b = ((adv_b > 0) & (ratio_b > 1 + cfg.clip)) | ((adv_b <= 0) & (ratio_b < 1 - cfg.clip))
-                s_g = torch.zeros(len(groups), dtype=torch.float64).index_add_(
+                s_g = torch.zeros(len(groups), dtype=torch.float64, device=dev).index_add_(
                     0, group_b, adv_b * (loss_b.detach() - loss_ref_b)
                 )
                 w_g = torch.sigmoid(cfg.beta_dpo * s_g / count_g)

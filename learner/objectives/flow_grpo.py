@@ -41,13 +41,14 @@ class FlowGRPO(Objective):
         sigma_1 = float(sigmas[1])
         adv_b = batch.advantages_b.double()
         n_train = self.train_steps(len(sigmas) - 1)
-        total = torch.zeros((), dtype=torch.float64)
+        dev = batch.trajectory_btchw.device
+        total = torch.zeros((), dtype=torch.float64, device=dev)
         clip_frac = kl_mean = ratio_dev = 0.0
         for j in range(n_train):
             s, s_next = float(sigmas[j]), float(sigmas[j + 1])
             x_j = batch.trajectory_btchw[:, j].float()
             x_next = batch.trajectory_btchw[:, j + 1].float()
-            sigma_b = torch.full((len(batch),), s)
+            sigma_b = torch.full((len(batch),), s, device=dev)
             v = policy.velocity(x_j, sigma_b, batch.cond, "current")
             _, logp_b, mu, _ = sde_step_with_logprob(
                 x_j, v, s, s_next, sigma_1, cfg.noise_level, prev_sample=x_next

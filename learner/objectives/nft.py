@@ -35,17 +35,18 @@ class DiffusionNFT(Objective):
         cfg = self.cfg
         x0_bchw = batch.latents_bchw.float()
         n = len(batch)
-        grid = batch.sigmas[:-1].float()  # sigma_0..sigma_{N-1}
+        dev = x0_bchw.device  # draws come from the CPU generator (reproducible), then move to the batch
+        grid = batch.sigmas[:-1].float().to(dev)  # sigma_0..sigma_{N-1}
         n_train = max(1, int(len(grid) * cfg.timestep_fraction))
-        perm_bn = torch.argsort(torch.rand(n, len(grid), generator=generator), dim=1)[:, :n_train]
+        perm_bn = torch.argsort(torch.rand(n, len(grid), generator=generator), dim=1)[:, :n_train].to(dev)
         adv_b = batch.advantages_b.double().clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         r_b = (adv_b / (2 * cfg.adv_clip_max) + 0.5).clamp(0, 1)  # clamp(A,-5,5)/10 + 1/2 for adv_clip_max 5
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=dev)
         kl_mean = 0.0
         for j in range(n_train):
             t_b = grid[perm_bn[:, j]]
             t_bchw = t_b.view(-1, *([1] * (x0_bchw.ndim - 1)))
-            eps = torch.randn(x0_bchw.shape, generator=generator)
+            eps = torch.randn(x0_bchw.shape, generator=generator).to(dev)
             x_t = (1 - t_bchw) * x0_bchw + t_bchw * eps
             v = policy.velocity(x_t, t_b, batch.cond, "current").float()
             with torch.no_grad():

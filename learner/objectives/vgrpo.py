@@ -6,7 +6,8 @@ s(o) = -(1/N_MC) sum_k l(o; t_k, eps_k)                                         
 rho = exp(s_theta(o) - s_old(o))               same (t_k, eps_k) for both, shared by the group (§4.2)
 J = min(rho A, clip(rho, 1 - eps, 1 + eps) A),   A = eta tanh(A / eta)           (§4.3)
 KL = (1/N_MC) sum_k mean_d (x0_hat_theta - x0_hat_old)^2
-loss = -mean J + beta KL
+KL_ref = (1/N_MC) sum_k mean_d (x0_hat_theta - x0_hat_ref)^2      (optional: ref_kl_beta > 0)
+loss = -mean J + beta KL + beta_ref KL_ref
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class VGRPO(Objective):
     cfg: VGRPOConfig
 
     def uses_ref(self) -> bool:
-        return False  # the KL of V-GRPO is to the old (behaviour) policy, not to a reference
+        # the paper's KL is to the old (behaviour) policy; a reference term is opt-in (ref_kl_beta)
+        return self.cfg.ref_kl_beta > 0
 
     def loss(
         self, policy: FlowPolicy, batch: TrainBatch, generator: torch.Generator
@@ -51,14 +53,16 @@ class VGRPO(Objective):
         cfg = self.cfg
         o_bchw = batch.latents_bchw.float()
         groups, group_b = torch.unique(batch.group_ids_b, return_inverse=True)
-        t_gk = stratified_times(len(groups), cfg.n_mc, batch.shift, cfg.t_min, cfg.t_max, generator)
-        eps_gkchw = torch.randn((len(groups), cfg.n_mc, *o_bchw.shape[1:]), generator=generator)
+        dev = o_bchw.device  # draws come from the CPU generator (reproducible), then move to the batch
+        t_gk = stratified_times(len(groups), cfg.n_mc, batch.shift, cfg.t_min, cfg.t_max, generator).to(dev)
+        eps_gkchw = torch.randn((len(groups), cfg.n_mc, *o_bchw.shape[1:]), generator=generator).to(dev)
         old_is_current = policy.old_is_current()
         need_old = not old_is_current or cfg.kl_beta > 0
 
-        score_b = torch.zeros(len(batch), dtype=torch.float64)
-        score_old_b = torch.zeros(len(batch), dtype=torch.float64)
-        kl_b = torch.zeros(len(batch), dtype=torch.float64)
+        score_b = torch.zeros(len(batch), dtype=torch.float64, device=dev)
+        score_old_b = torch.zeros(len(batch), dtype=torch.float64, device=dev)
+        kl_b = torch.zeros(len(batch), dtype=torch.float64, device=dev)
+        kl_ref_b = torch.zeros(len(batch), dtype=torch.float64, device=dev)
         for k in range(cfg.n_mc):
             t_b = t_gk[group_b, k]
             eps_bchw = eps_gkchw[group_b, k]
@@ -71,6 +75,10 @@ class VGRPO(Objective):
                     x0_old = z_bchw - t_bchw * policy.velocity(z_bchw, t_b, batch.cond, "old").float()
                 score_old_b = score_old_b - adaptive_x0_loss(x0_old, o_bchw) / cfg.n_mc
                 kl_b = kl_b + mean_d((x0_hat.double() - x0_old.double()) ** 2) / cfg.n_mc
+            if cfg.ref_kl_beta > 0:
+                with torch.no_grad():
+                    x0_ref = z_bchw - t_bchw * policy.velocity(z_bchw, t_b, batch.cond, "ref").float()
+                kl_ref_b = kl_ref_b + mean_d((x0_hat.double() - x0_ref.double()) ** 2) / cfg.n_mc
         if old_is_current:
             score_old_b = score_b.detach()  # theta_old = theta: rho = 1 exactly, KL = 0 (§4.4 step 7)
 
@@ -78,12 +86,13 @@ class VGRPO(Objective):
         ratio_b = torch.exp(score_b - score_old_b)
         clipped_b = ratio_b.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
         objective_b = torch.minimum(ratio_b * adv_b, clipped_b * adv_b)
-        loss = -objective_b.mean() + cfg.kl_beta * kl_b.mean()
+        loss = -objective_b.mean() + cfg.kl_beta * kl_b.mean() + cfg.ref_kl_beta * kl_ref_b.mean()
         with torch.no_grad():
             ratio_dev_b = (ratio_b - 1).abs()
             diag = {
                 "policy_loss": -objective_b.mean().item(),
                 "kl": kl_b.mean().item(),
+                "kl_ref": kl_ref_b.mean().item(),
                 "ratio_mean": ratio_b.mean().item(),
                 "ratio_max_dev": ratio_dev_b.max().item(),
                 "clip_frac": (ratio_dev_b > cfg.clip_eps).double().mean().item(),
