@@ -90,7 +90,11 @@ def test_advantage_clips():
 
 def test_vgrpo_ratio_is_one_and_gradient_is_advantage_weighted_elbo(world, policy):
     sigmas = sd3_sigmas(10, 1.0)
-    obj = VGRPO(VGRPOConfig(n_mc=3, advantage=AdvantageConfig(norm="group", clip=None, soft_clip=3.0)))
+    obj = VGRPO(
+        VGRPOConfig(
+            n_mc=3, ref_kl_beta=0.0, advantage=AdvantageConfig(norm="group", clip=None, soft_clip=3.0)
+        )
+    )
     batch = make_batch(world, policy, obj, sigmas)
     loss, diag = obj.loss(policy, batch, torch.Generator().manual_seed(5))
     assert diag["ratio_mean"] == pytest.approx(1.0, abs=1e-12) and diag["ratio_max_dev"] == 0.0
@@ -117,7 +121,7 @@ def test_vgrpo_ratio_is_one_and_gradient_is_advantage_weighted_elbo(world, polic
 
 def test_vgrpo_loss_flips_sign_with_advantages(world, policy):
     sigmas = sd3_sigmas(10, 1.0)
-    obj = VGRPO(VGRPOConfig())
+    obj = VGRPO(VGRPOConfig(ref_kl_beta=0.0))
     batch = make_batch(world, policy, obj, sigmas)
     loss, _ = obj.loss(policy, batch, torch.Generator().manual_seed(1))
     batch.advantages_b = -batch.advantages_b
@@ -140,7 +144,7 @@ def test_vgrpo_clip_zeroes_gradient_outside_trust_region(world, policy):
     A > 0 with rho > 1 + eps, or A < 0 with rho < 1 - eps; elsewhere the gradient is non-zero."""
     sigmas = sd3_sigmas(10, 1.0)
     eps_clip = 2e-3
-    obj = VGRPO(VGRPOConfig(clip_eps=eps_clip, n_mc=2))
+    obj = VGRPO(VGRPOConfig(clip_eps=eps_clip, n_mc=2, ref_kl_beta=0.0))
     batch = make_batch(world, policy, obj, sigmas, groups=3, group_size=4)
     policy.sync_old()
     with torch.no_grad():
@@ -169,7 +173,7 @@ def test_vgrpo_clip_zeroes_gradient_outside_trust_region(world, policy):
 
 def test_vgrpo_kl_to_old_is_zero_when_equal_and_positive_after_a_change(world, policy):
     sigmas = sd3_sigmas(10, 1.0)
-    obj = VGRPO(VGRPOConfig(kl_beta=0.3))
+    obj = VGRPO(VGRPOConfig(kl_beta=0.3, ref_kl_beta=0.0))
     batch = make_batch(world, policy, obj, sigmas)
     policy.sync_old()
     policy.mark_updated()  # force the old forward even though weights are equal
@@ -183,7 +187,7 @@ def test_vgrpo_kl_to_old_is_zero_when_equal_and_positive_after_a_change(world, p
 
 def test_vgrpo_reference_kl_is_opt_in_and_pulls_back_to_the_reference(world, policy):
     sigmas = sd3_sigmas(10, 1.0)
-    assert not VGRPO(VGRPOConfig()).uses_ref()
+    assert not VGRPO(VGRPOConfig(ref_kl_beta=0.0)).uses_ref()
     obj = VGRPO(VGRPOConfig(ref_kl_beta=1.0))
     assert obj.uses_ref()
     batch = make_batch(world, policy, obj, sigmas)
