@@ -8,6 +8,7 @@ Plain torch + DeepSpeed, no Ray: ``learner/actor.py`` is the thin Ray shell. Ver
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -145,10 +146,15 @@ class LearnerEngine:
         self.version = 0
         self.history: dict[int, dict[str, torch.Tensor]] = {}  # published weights kept for stale batches
         self.engine: Any = None
+        self.ema_decay: float | None = None  # train.ema: an EMA of the policy for evaluation and export
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.ema_updates = 0
 
     # ------------------------------------------------------------------------------------ setup
 
-    def init_distributed(self, master_addr: str, master_port: int, keep_history: int = 0) -> dict[str, Any]:
+    def init_distributed(
+        self, master_addr: str, master_port: int, keep_history: int = 0, ema: float | None = None
+    ) -> dict[str, Any]:
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
@@ -200,13 +206,20 @@ class LearnerEngine:
             model=transformer, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
         )
         self.module = self.engine.module
+        # CFG inside the training forward: Flow-GRPO's SDE log-prob must match the rollout policy; V-GRPO
+        # may opt in (guided_training); the other objectives train the unguided velocity (ALGORITHMS.md 2.2)
+        guided = self.objective.sampler == "sde" or bool(
+            getattr(self.objective.cfg, "guided_training", False)
+        )
         uncond = None
-        if self.objective.sampler == "sde" and self.rollout_cfg.guidance_scale != 1.0:
+        if guided and self.rollout_cfg.guidance_scale != 1.0:
             uncond = self._uncond_embeddings()
-        guidance = self.rollout_cfg.guidance_scale if self.objective.sampler == "sde" else 1.0
+        guidance = self.rollout_cfg.guidance_scale if guided else 1.0
         self.policy = SD3LearnerPolicy(self.module, guidance, uncond, self.old_module, self.ref_module)
         if keep_history > 0:  # a stale batch of the first steps was sampled by version 0
             self.history[0] = self.get_weights()
+        if ema is not None:
+            self.ema_decay, self.ema, self.ema_updates = float(ema), self.get_weights(), 0
         n_train = sum(p.numel() for p in trainable_params(self.module).values())
         return {
             "rank": self.rank,
@@ -333,7 +346,31 @@ class LearnerEngine:
             self.history[self.version] = state
             for v in [v for v in self.history if v < self.version - keep_history]:
                 del self.history[v]
+        if self.ema_decay is not None:
+            self._update_ema(state)
         return state
+
+    # ------------------------------------------------------------------------------------ EMA
+
+    def ema_decay_at(self, t: int) -> float:
+        """The decay of EMA update ``t`` (0-based): Flow-GRPO's warm-up min(decay, (1 + t) / (10 + t)), so
+        the first updates follow the policy closely instead of dragging the starting weights along."""
+        assert self.ema_decay is not None
+        return min(self.ema_decay, (1 + t) / (10 + t))
+
+    @torch.no_grad()
+    def _update_ema(self, state: dict[str, torch.Tensor]) -> None:
+        """ema <- d ema + (1 - d) published weights, once per published version (every rank holds the same
+        copy: ``state`` is the gathered payload, so no extra collective)."""
+        assert self.ema is not None
+        d = self.ema_decay_at(self.ema_updates)
+        for k, v in state.items():
+            self.ema[k].mul_(d).add_(v.to(self.ema[k].dtype), alpha=1 - d)
+        self.ema_updates += 1
+
+    def get_ema(self) -> dict[str, torch.Tensor] | None:
+        """The EMA of the trainable weights (None without train.ema)."""
+        return None if self.ema is None else {k: v.clone() for k, v in self.ema.items()}
 
     def _to_batch(self, shard: dict[str, Any]) -> TrainBatch:
         t = lambda k: torch.as_tensor(shard[k]).to(self.device)  # noqa: E731
@@ -351,18 +388,182 @@ class LearnerEngine:
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, folder: str) -> None:
-        """DeepSpeed's own checkpoint (module, optimizer and scheduler shards of every rank), plus the
-        learner's bookkeeping. Every rank calls it."""
-        self.engine.save_checkpoint(
-            folder, tag="learner", client_state={"version": self.version, "history": self.history}
-        )
+    def _client_state(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "history": self.history,
+            "ema": self.ema,
+            "ema_updates": self.ema_updates,
+        }
 
-    def load_checkpoint(self, folder: str) -> int:
-        _, client = self.engine.load_checkpoint(folder, tag="learner")
+    def _set_client_state(self, client: dict[str, Any]) -> None:
         self.version = int(client["version"])
         self.history = client.get("history", {})
+        if self.ema_decay is not None:
+            if client.get("ema") is not None:
+                self.ema, self.ema_updates = client["ema"], int(client.get("ema_updates", 0))
+            else:  # train.ema turned on at resume: the average starts from the resumed weights
+                self.ema, self.ema_updates = self.get_weights(), 0
+
+    def save_checkpoint(self, folder: str) -> None:
+        """DeepSpeed's own checkpoint (module, optimizer and scheduler shards of every rank), plus the
+        learner's bookkeeping; and a consolidated fp32 copy of the same state written by rank 0
+        (:data:`CONSOLIDATED`), which a group of another size or ZeRO stage loads instead of the shards.
+        Every rank calls it (gathering the consolidated state is a collective)."""
+        self.engine.save_checkpoint(folder, tag="learner", client_state=self._client_state())
+        state = self.consolidated_state()
+        if self.rank == 0:
+            out = Path(folder)
+            tmp = out / (CONSOLIDATED + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, out / CONSOLIDATED)
+            meta = {"world_size": self.world_size, "zero_stage": self.cfg.zero_stage, "version": self.version}
+            (out / LAYOUT).write_text(json.dumps(meta))
+
+    def load_checkpoint(self, folder: str) -> int:
+        """DeepSpeed's shards when they were written by a group of this size and ZeRO stage (exact); else
+        the consolidated state (a resume with another ``learner.num_ranks`` or ``learner.zero_stage``)."""
+        layout_path = Path(folder) / LAYOUT
+        layout = json.loads(layout_path.read_text()) if layout_path.is_file() else {}
+        ranks, stage = (
+            layout.get("world_size", self.world_size),
+            layout.get("zero_stage", self.cfg.zero_stage),
+        )
+        if (ranks, stage) == (self.world_size, self.cfg.zero_stage) and (Path(folder) / "learner").is_dir():
+            _, client = self.engine.load_checkpoint(folder, tag="learner")
+            self._set_client_state(client)
+            return self.version
+        path = Path(folder) / CONSOLIDATED
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"learner rank {self.rank}: {folder} was written by {ranks} rank(s) at ZeRO stage {stage} and "
+                f"has no {CONSOLIDATED}; resume it with --set learner.num_ranks={ranks} --set "
+                f"learner.zero_stage={stage}"
+            )
+        self.load_consolidated(torch.load(path, map_location="cpu", weights_only=False))
         return self.version
+
+    # consolidated state: every trainable weight, Adam moment and the schedule as whole fp32 tensors
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.engine.optimizer
+        return getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer; stage 0 may not
+
+    def _optimizer_step_count(self) -> int:
+        for st in self._base_optimizer().state.values():
+            if "step" in st:
+                return int(st["step"])
+        return 0
+
+    def _full_fp32(self, p: nn.Parameter) -> torch.Tensor:
+        """The fp32 master weight of ``p`` (ZeRO keeps it partitioned; a collective), else ``p`` itself."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            with self._gathered([p]):
+                full = p.detach().clone()
+        return full.to("cpu", torch.float32).clone()
+
+    def _full_moment(self, p: nn.Parameter, key: str) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        full = safe_get_full_optimizer_state(p, key)
+        if full is None:  # no ZeRO: the torch optimizer holds the parameter's state itself
+            full = self._base_optimizer().state[p][key]
+        return full.to("cpu", torch.float32).clone()
+
+    def consolidated_state(self) -> dict[str, Any]:
+        """The learner's whole state with no sharding: a collective (every rank calls, rank 0 saves)."""
+        params = trainable_params(self.module)
+        steps = self._optimizer_step_count()
+        moments: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
+        weights = {}
+        for name, p in params.items():  # the same order on every rank: the collectives pair up
+            weights[name] = self._full_fp32(p)
+            if steps > 0:
+                for key in moments:
+                    moments[key][name] = self._full_moment(p, key)
+        if self.old_module is not None:
+            old = {k: v.detach().to("cpu").clone() for k, v in self.old_module.state_dict().items()}
+        else:
+            old_params = adapter_params(self.module, OLD_ADAPTER)
+            with self._gathered(list(old_params.values())):
+                old = {k: p.detach().to("cpu", torch.float32).clone() for k, p in old_params.items()}
+        return {
+            "format": 1,
+            "world_size": self.world_size,
+            "zero_stage": self.cfg.zero_stage,
+            "weights": weights,
+            "old": old,
+            "optimizer": {"step": steps, **moments},
+            "scheduler": self.engine.lr_scheduler.state_dict(),
+            "global_steps": int(self.engine.global_steps),
+            "client": self._client_state(),
+        }
+
+    def _dummy_step(self) -> None:
+        """One optimizer step with a zero loss (a real forward, so every ZeRO hook runs): Adam's state
+        tensors exist only after a step, and :meth:`load_consolidated` overwrites all it changed."""
+        c = self.module.config
+        side = int(c.sample_size)
+        x = torch.zeros(1, int(c.in_channels), side, side, device=self.device)
+        embeds = torch.zeros(1, 1, int(c.joint_attention_dim), device=self.device)
+        pooled = torch.zeros(1, int(c.pooled_projection_dim), device=self.device)
+        for _ in range(self.grad_accum):
+            v = P.velocity(self.module, x, torch.full((1,), 0.5, device=self.device), embeds, pooled)
+            self.engine.backward(v.float().sum() * 0.0)
+            self.engine.step()
+
+    @torch.no_grad()
+    def _set_full(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value.to(self.device, torch.float32))  # the master copy (ZeRO)
+        with self._gathered([p]):  # and the module's own (low-precision, maybe partitioned) copy
+            p.data.copy_(value.to(p.device, p.dtype))
+
+    def load_consolidated(self, state: dict[str, Any]) -> None:
+        """Load :meth:`consolidated_state` of a group of any size or ZeRO stage (every rank calls)."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        params = trainable_params(self.module)
+        missing = sorted(set(params) ^ set(state["weights"]))
+        if missing:
+            raise ValueError(f"consolidated learner state does not match the model: {missing[:3]} ...")
+        steps = int(state["optimizer"]["step"])
+        if steps > 0:
+            self._dummy_step()
+        for name, p in params.items():
+            self._set_full(p, state["weights"][name])
+            if steps > 0:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = state["optimizer"][key][name].to(self.device, torch.float32)
+                    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO: each rank its slice
+                        safe_set_full_optimizer_state(p, value, key)
+                    else:  # no ZeRO: the torch optimizer holds the parameter's state itself
+                        self._base_optimizer().state[p][key].copy_(value)
+        for st in self._base_optimizer().state.values():
+            if "step" in st:
+                st["step"] = (
+                    torch.tensor(float(steps), dtype=st["step"].dtype)
+                    if torch.is_tensor(st["step"])
+                    else steps
+                )
+        self.engine.lr_scheduler.load_state_dict(state["scheduler"])
+        rates = self.engine.lr_scheduler.get_last_lr()
+        for group, lr in zip(self._base_optimizer().param_groups, rates, strict=True):
+            group["lr"] = lr  # the schedule's state alone sets the rate only at its next step
+        self.engine.global_steps = int(state["global_steps"])
+        if self.old_module is not None:
+            self.old_module.load_state_dict(state["old"])
+        else:
+            self._set_old(state["old"])
+        self._set_client_state(state["client"])
+
+
+CONSOLIDATED = "consolidated.pt"  # in a checkpoint's learner/ folder, beside DeepSpeed's shards
+LAYOUT = "layout.json"  # {world_size, zero_stage} of the group that wrote the shards
 
 
 def save_policy_weights(state: dict[str, torch.Tensor], path: str | Path, version: int, lora: bool) -> None:

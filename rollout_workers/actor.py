@@ -48,5 +48,26 @@ class RolloutWorkerShell(RolloutEngine):
         metrics.weights_synced("rollout", self.worker, time.perf_counter() - t0, n_bytes, got)
         return got
 
+    def evaluate(
+        self, rows: list[dict], weights: dict[str, torch.Tensor] | None = None, **kwargs: Any
+    ) -> dict:
+        """Held-out evaluation with this worker's policy, or with ``weights`` (train.ema: the EMA policy)
+        swapped in for the evaluation only; the worker's own weights and version are restored after."""
+        if weights is None:
+            return super().evaluate(rows, **kwargs)
+        from vgrpo.adapters import load_weights, trainable_params
+        from vgrpo.evaluate import evaluate_policy
+
+        with self._lock:
+            keep = {k: p.detach().clone() for k, p in trainable_params(self.pipe.transformer).items()}
+            load_weights(self.pipe.transformer, weights)
+            try:
+                result = evaluate_policy(self.pipe, rows, **kwargs)
+            finally:
+                load_weights(self.pipe.transformer, keep)
+            result["policy_version"] = self.version
+            result["weights"] = "ema"
+            return result
+
 
 RolloutWorker = ray.remote(RolloutWorkerShell)

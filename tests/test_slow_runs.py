@@ -70,3 +70,37 @@ def test_default_run_learns(tmp_path):
         )
         scores.append(json.loads(out.read_text())["overall"])
     assert scores[1] >= scores[0] + 0.15, scores
+
+
+def test_ema_policy_is_evaluated_saved_and_exported(ray_cluster, tmp_path):
+    """train.ema: the learner keeps an EMA of the policy; held-out eval scores it, checkpoints save it
+    (ema.safetensors) and `vgrpo eval` / `vgrpo export` read it. With max_staleness=1 and 2 workers, so the
+    overlapped weight updates are exercised too."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vgrpo.adapters import trainable_params
+    from vgrpo.checkpoints import export_policy, load_run_pipeline
+    from vgrpo.driver import train
+
+    sets = ["train.ema=0.9", "train.steps=2", "train.max_staleness=1", "rollout.num_workers=2"]
+    sets += [
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+        "rollout.num_steps=4",
+        "train.eval_every=2",
+    ]
+    sets += ["data.eval_max_prompts=2", "data.eval_images_per_prompt=1", "data.eval_num_steps=4"]
+    sets += ["observability.progress=off", "observability.tensorboard=false", "observability.report=false"]
+    run = tmp_path / "run"
+    assert train(load_config(None, sets), run) == 2
+    rows = metrics(run)
+    assert [r["staleness"] for r in rows] == [0, 1] and "eval/overall" in rows[-1]
+    ckpt = run / "checkpoints" / "step_2"
+    ema, policy = load_file(str(ckpt / "ema.safetensors")), load_file(str(ckpt / "policy.safetensors"))
+    assert set(ema) == set(policy) and any(not torch.equal(ema[k], policy[k]) for k in ema)
+    pipe, _, step = load_run_pipeline(run, None)
+    assert step == 2
+    for k, p in trainable_params(pipe.transformer).items():
+        assert torch.equal(p.detach(), ema[k]), k
+    assert export_policy(run, None, tmp_path / "export") == (2, "lora")

@@ -38,8 +38,12 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def policy_weights(run_dir: Path, step: int | None) -> tuple[int, dict[str, torch.Tensor] | None]:
-    """(step, trainable weights) of ``step`` (None: the last checkpoint; 0: the starting policy -> None)."""
+def policy_weights(
+    run_dir: Path, step: int | None, ema: bool = True
+) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """(step, trainable weights) of ``step`` (None: the last checkpoint; 0: the starting policy -> None).
+    A run with ``train.ema`` saves the EMA of the policy beside it (``ema.safetensors``): that is the
+    policy evaluated and exported (as Flow-GRPO and DiffusionNFT do), unless ``ema=False``."""
     from safetensors.torch import load_file
 
     if step == 0:
@@ -55,7 +59,10 @@ def policy_weights(run_dir: Path, step: int | None) -> tuple[int, dict[str, torc
         raise RunDirError(
             f"{run_dir} has no checkpoint of step {step}; available: {steps} (and 0, the start)"
         )
-    return step, load_file(str(run_dir / "checkpoints" / f"step_{step}" / "policy.safetensors"))
+    folder = run_dir / "checkpoints" / f"step_{step}"
+    if ema and (folder / "ema.safetensors").is_file():
+        return step, load_file(str(folder / "ema.safetensors"))
+    return step, load_file(str(folder / "policy.safetensors"))
 
 
 def load_run_pipeline(run_dir: Path, step: int | None, device: str = "cpu") -> tuple[Any, RunConfig, int]:

@@ -18,6 +18,7 @@ publishes version N; ``staleness`` = (N - 1) - (the oldest version that sampled 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from vgrpo import placement
 from vgrpo.metrics import export_step
 from vgrpo.proto.config import RunConfig, dump_config
 from vgrpo.proto.messages import PromptItem
@@ -44,6 +46,34 @@ class TrainingError(RuntimeError):
     """A failure of one role, with the role named; the run stops with this message."""
 
 
+class ActorLost(TrainingError):
+    """An actor died (``ray.kill``, OOM, a lost node) while the driver waited on it. ``index`` is the
+    position of its call in the list the driver waited on; ``reason`` a one-line cause."""
+
+    def __init__(self, message: str, index: int, reason: str):
+        super().__init__(message)
+        self.index, self.reason = index, reason
+
+
+def death_reason(e: BaseException) -> str:
+    """One line out of Ray's many-line actor-death message: the error type, pid and why it died."""
+    import re
+
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    because = re.search(r"dead because (.*?)\.(?:\s|$)", text)
+    why = because.group(1) if because else (lines[0][:200] if lines else "")
+    kind = re.search(r"Worker exit type: (\w+)", text)
+    pid = re.search(r"pid: (\d+)", text)
+    return f"{type(e).__name__}{', pid ' + pid.group(1) if pid else ''}: {why}" + (
+        f" ({kind.group(1)})" if kind else ""
+    )
+
+
+# a step in which rollout workers die this many times (replacements included) stops the run
+MAX_WORKER_REPLACEMENTS_PER_STEP = 3
+
+
 @dataclass
 class PendingRollout:
     step: int
@@ -52,6 +82,7 @@ class PendingRollout:
     refs: list[Any]  # one ObjectRef per worker
     slices: list[tuple[int, int]]  # prompt range [lo, hi) of each worker
     data_before: dict[str, int]  # the prompt source's position before this step's prompts were drawn
+    version: int = 0  # the policy version the workers sample this step with (their last queued update)
     launched: float = field(default_factory=time.perf_counter)
 
 
@@ -257,9 +288,7 @@ class Roles:
 
         self.cfg, self.timeout_s = cfg, timeout_s
         r, lc = cfg.rollout, cfg.learner
-        bundles = [{"CPU": lc.cpus_per_rank, "GPU": lc.gpus_per_rank} for _ in range(lc.num_ranks)]
-        bundles += [{"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker} for _ in range(r.num_workers)]
-        bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
+        bundles = placement.placement_bundles(cfg)  # the plan `vgrpo train --dry-run` prints
         self.pg = placement_group(bundles, strategy=cfg.resources.placement_strategy, name="vgrpo")
         self.get(self.pg.ready(), "placement group (resources: " + json.dumps(bundles) + ")")
 
@@ -270,7 +299,10 @@ class Roles:
         threads = cfg.resources.torch_threads or auto_threads(cfg)
         self.learners = [
             LearnerActor.options(
-                num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank, scheduling_strategy=at(i), name=None
+                num_cpus=lc.cpus_per_rank,
+                num_gpus=lc.gpus_per_rank,
+                resources=dict(lc.custom_resources) or None,
+                scheduling_strategy=at(i),
             ).remote(
                 cfg.model,
                 lc,
@@ -285,39 +317,105 @@ class Roles:
             for i in range(lc.num_ranks)
         ]
         noise = float(getattr(cfg.algorithm.params(), "noise_level", 0.7))
-        self.workers = [
-            RolloutWorker.options(
+
+        def new_worker(i: int) -> Any:
+            """Rollout worker i in placement-group bundle L + i (also where a replacement goes)."""
+            return RolloutWorker.options(
                 num_cpus=r.cpus_per_worker,
                 num_gpus=r.gpus_per_worker,
+                resources=dict(r.custom_resources) or None,
                 scheduling_strategy=at(lc.num_ranks + i),
             ).remote(cfg.model, r, cfg.sampler(), noise_level=noise, seed=cfg.train.seed, threads=threads)
-            for i in range(r.num_workers)
-        ]
+
+        self._new_worker = new_worker
+        self.workers = [new_worker(i) for i in range(r.num_workers)]
+        self.replacements = 0
         addr, port = self.get(self.learners[0].rendezvous_address.remote(), "learner rank 0 (start-up)")
         infos = self.get(
-            [lrn.init_distributed.remote(addr, port, cfg.train.max_staleness) for lrn in self.learners],
+            [
+                lrn.init_distributed.remote(addr, port, cfg.train.max_staleness, cfg.train.ema)
+                for lrn in self.learners
+            ],
             "learner group (DeepSpeed initialisation)",
+            names=[f"learner rank {i} (DeepSpeed initialisation)" for i in range(lc.num_ranks)],
         )
         self.learner_info = infos[0]
         self.get([w.ready.remote() for w in self.workers], "rollout workers (loading the policy)")
         handles = deploy_rewards(cfg.reward, quiet=True)
         self.rewards = RewardClient(handles, cfg.reward)
 
-    def get(self, refs: Any, role: str, timeout: float | None = None) -> Any:
-        """ray.get with a timeout; the first actor error surfaces with the role that raised it."""
+    def get(self, refs: Any, role: str, timeout: float | None = None, names: list[str] | None = None) -> Any:
+        """ray.get with a timeout (train.timeout_s for the whole wait). The first failure surfaces at once
+        (not after the other calls finish, which may never happen when a peer of a collective died), named
+        by ``names[i]`` (default ``role``): a dead actor as :class:`ActorLost` (its ``index`` says which
+        call), a raising one with its traceback."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
-        try:
-            return ray.get(refs, timeout=timeout or self.timeout_s)
-        except GetTimeoutError:
-            raise TrainingError(
-                f"{role}: no answer within {timeout or self.timeout_s:.0f} s (train.timeout_s)"
-            ) from None
-        except RayTaskError as e:
-            raise TrainingError(f"{role} failed:\n{e}") from None
-        except RayActorError as e:
-            raise TrainingError(f"{role}: the actor died ({e.__class__.__name__}): {e}") from None
+        lost: tuple[type[BaseException], ...] = (RayActorError,)
+        if hasattr(ray.exceptions, "OutOfMemoryError"):  # Ray's memory monitor killed the worker
+            lost += (ray.exceptions.OutOfMemoryError,)
+        single = not isinstance(refs, list)
+        items = [refs] if single else list(refs)
+        labels = names or [role] * len(items)
+        limit = timeout or self.timeout_s
+        deadline = time.monotonic() + limit
+        index = {ref: i for i, ref in enumerate(items)}
+        out: list[Any] = [None] * len(items)
+        remaining = list(dict.fromkeys(items))
+        while remaining:
+            left = deadline - time.monotonic()
+            ready, remaining = ray.wait(remaining, num_returns=1, timeout=max(0.0, left))
+            if not ready:
+                waiting = sorted({labels[index[ref]] for ref in remaining})
+                raise TrainingError(
+                    f"{', '.join(waiting)}: no answer within {limit:.0f} s (train.timeout_s)"
+                ) from None
+            ref = ready[0]
+            i = index[ref]
+            try:
+                value = ray.get(ref, timeout=max(1.0, left))
+            except RayTaskError as e:
+                raise TrainingError(f"{labels[i]} failed:\n{e}") from None
+            except lost as e:
+                why = death_reason(e)
+                raise ActorLost(f"{labels[i]}: the actor died ({why})", i, why) from None
+            for j, other in enumerate(items):
+                if other == ref:
+                    out[j] = value
+        return out[0] if single else out
+
+    def replace_worker(self, i: int, version: int, weights: Any) -> None:
+        """A new rollout worker i in the dead one's placement-group bundle, holding policy ``version``
+        (``weights``: its published payload or ObjectRef; None for the starting policy)."""
+        import ray
+
+        with contextlib.suppress(Exception):  # dead already, or hung: release its bundle
+            ray.kill(self.workers[i], no_restart=True)
+        self.replacements += 1
+        w = self._new_worker(i)
+        self.get(w.ready.remote(), f"rollout worker {i} (replacement, loading the policy)")
+        if weights is not None:
+            self.get(w.update_weights.remote(version, weights), f"rollout worker {i} (replacement weights)")
+        self.workers[i] = w
+
+    def dead_learner_ranks(self, probe_s: float = 10.0) -> list[int]:
+        """Ranks whose actor is dead. A live rank answers ``ready`` or is busy (stuck in a collective with
+        a dead peer): both count as alive; only a dead actor fails the probe."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        refs = [lrn.ready.remote() for lrn in self.learners]
+        ray.wait(refs, num_returns=len(refs), timeout=probe_s)
+        dead = []
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=0.1)
+            except RayActorError:
+                dead.append(rank)
+            except Exception:  # busy (GetTimeoutError) or failing for another reason: alive
+                pass
+        return dead
 
     def stop(self, cluster_ends: bool = False) -> None:
         """Kill this run's actors. On a cluster that outlives the run, also delete its reward
@@ -359,6 +457,76 @@ class Trainer:
         self.version = 0
         self.pending: deque[PendingRollout] = deque()
         self.tb: Any = None
+        # published weights by version (ObjectRefs; None = the starting policy every new worker holds): what
+        # a replacement rollout worker is loaded with
+        self.published: dict[int, Any] = {0: None}
+
+    def _publish(self, version: int, weights: Any) -> Any:
+        """Keep ``weights`` (an ObjectRef) as version ``version``; drop versions no pending rollout can
+        still need (max_staleness + 1 back)."""
+        self.published[version] = weights
+        for v in [v for v in self.published if v < version - self.cfg.train.max_staleness - 1]:
+            del self.published[v]
+        return weights
+
+    # --- rollout workers that die --------------------------------------------------------------------
+
+    def on_workers(self, roles: Roles, calls: dict[int, Any], what: str, version: int) -> dict[int, Any]:
+        """Run ``calls[i](worker i)`` and wait for all. A worker that dies is replaced (a new actor in its
+        placement-group bundle, loaded with policy ``version``, the one the call expects) and its call
+        redone; then it is brought up to the current version. Gives up after
+        MAX_WORKER_REPLACEMENTS_PER_STEP deaths in one call."""
+        refs = {i: fn(roles.workers[i]) for i, fn in calls.items()}
+        deaths = 0
+        while True:
+            order = list(refs)
+            try:
+                values = roles.get(
+                    [refs[i] for i in order], what, names=[f"rollout worker {i} ({what})" for i in order]
+                )
+                return dict(zip(order, values, strict=True))
+            except ActorLost as e:
+                i = order[e.index]
+                deaths += 1
+                if deaths > MAX_WORKER_REPLACEMENTS_PER_STEP:
+                    raise TrainingError(
+                        f"rollout worker {i} ({what}) died again: {deaths} deaths in one call, the last "
+                        f"{e.reason}; not replacing it any more. " + self.resume_hint()
+                    ) from None
+                log.warning(
+                    "rollout worker %d died during %s (%s); replacing it in its placement-group bundle "
+                    "with policy version %d and redoing its share",
+                    i,
+                    what,
+                    e.reason,
+                    version,
+                )
+                roles.replace_worker(i, version, self.published.get(version))
+                refs[i] = calls[i](roles.workers[i])
+                if version < self.version:  # the redone share sampled `version`; now catch up
+                    roles.workers[i].update_weights.remote(self.version, self.published.get(self.version))
+
+    def resume_hint(self) -> str:
+        ckpts = self.run.checkpoint_dirs()
+        where = f"the last checkpoint (step {ckpts[-1][0]})" if ckpts else "step 0 (no checkpoint yet)"
+        return f"`vgrpo train --run-dir {self.run.root} --resume` continues from {where}."
+
+    def on_learners(self, roles: Roles, refs: list[Any], what: str, step: int) -> list[Any]:
+        """Wait for one call on every learner rank. A rank that dies stops the run (a DeepSpeed group cannot
+        lose a member): the message names the rank and how to resume."""
+        names = [f"learner rank {k} ({what})" for k in range(len(refs))]
+        try:
+            return roles.get(refs, what, names=names)
+        except TrainingError as e:
+            dead = [e.index] if isinstance(e, ActorLost) else roles.dead_learner_ranks()
+            if not dead:
+                raise
+            why = e.reason if isinstance(e, ActorLost) else "its actor is dead"
+            ranks = ", ".join(str(k) for k in dead)
+            raise TrainingError(
+                f"learner rank {ranks} died during {what} of step {step} ({why}). A DeepSpeed group cannot "
+                f"go on without one of its ranks, so the run stops. " + self.resume_hint()
+            ) from None
 
     # --- rollout ---------------------------------------------------------------------------------
 
@@ -380,10 +548,30 @@ class Trainer:
                 )
             else:
                 refs.append(None)
-        return PendingRollout(step, prompts, seeds, refs, slices, data_before)
+        return PendingRollout(step, prompts, seeds, refs, slices, data_before, version=self.version)
 
     def collect(self, roles: Roles, pending: PendingRollout) -> dict[str, Any]:
-        parts = roles.get([ref for ref in pending.refs if ref is not None], "rollout workers (sampling)")
+        """The step's rollouts; the share of a worker that died is redone by its replacement, with the
+        same prompts, seeds and policy version (so the batch is what it would have been)."""
+        r = self.cfg.rollout
+
+        def call(i: int) -> Any:
+            lo, hi = pending.slices[i]
+            launched = [pending.refs[i]]  # the first call is the one launched already; a redo resubmits
+
+            def fn(w: Any) -> Any:
+                if launched:
+                    return launched.pop()
+                prompts = [p.prompt for p in pending.prompts[lo:hi]]
+                return w.sample.remote(
+                    prompts, r.group_size, pending.seeds[lo * r.group_size : hi * r.group_size]
+                )
+
+            return fn
+
+        calls = {i: call(i) for i, ref in enumerate(pending.refs) if ref is not None}
+        got = self.on_workers(roles, calls, f"sampling step {pending.step}", pending.version)
+        parts = [got[i] for i in sorted(got)]
         cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
         batch: dict[str, Any] = {k: cat(k) for k in ("latents", "images", "prompt_embeds", "pooled")}
         if "trajectory" in parts[0]:
@@ -439,23 +627,32 @@ class Trainer:
                 "logp": batch["logp"][sl] if "logp" in batch else None,
             }
             shards.append(shard)
-        results = roles.get(
+        results = self.on_learners(
+            roles,
             [lrn.train_step.remote(s, step) for lrn, s in zip(roles.learners, shards, strict=True)],
-            "learner (train_step)",
+            "train_step",
+            step,
         )
         t_learner = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         keep = max(1, cfg.train.max_staleness + 1)
-        states = roles.get([lrn.publish.remote(keep) for lrn in roles.learners], "learner (publish weights)")
+        states = self.on_learners(
+            roles, [lrn.publish.remote(keep) for lrn in roles.learners], "publish", step
+        )
         import ray
 
-        weights_ref = ray.put(states[0])
-        updates = [w.update_weights.remote(step, weights_ref) for w in roles.workers]
-        if cfg.train.max_staleness == 0:
-            roles.get(updates, "rollout workers (update_weights)")
-        t_sync = time.perf_counter() - t0
+        weights_ref = self._publish(step, ray.put(states[0]))
+        updates = {
+            i: (lambda w: w.update_weights.remote(step, weights_ref)) for i in range(len(roles.workers))
+        }
         self.version = step
+        if cfg.train.max_staleness == 0:
+            self.on_workers(roles, updates, f"update_weights to version {step}", step)
+        else:  # not awaited: a worker applies it before its next batch; one that died meanwhile is
+            for fn, w in zip(updates.values(), roles.workers, strict=True):  # replaced when that batch fails
+                fn(w)
+        t_sync = time.perf_counter() - t0
         n_bytes = sum(int(v.numel()) * v.element_size() for v in states[0].values())
 
         loss = float(np.mean([res["loss"] for res in results]))
@@ -514,19 +711,28 @@ class Trainer:
 
         d, r = self.cfg.data, self.cfg.rollout
         rows = load_prompt_rows(d.eval_prompts, d.eval_max_prompts)
-        res = roles.get(
-            roles.workers[0].evaluate.remote(
-                rows,
-                images_per_prompt=d.eval_images_per_prompt,
-                seed=self.cfg.train.seed,
-                num_steps=r.num_steps,
-                guidance_scale=r.guidance_scale,
-                sampler="dpm2",
-                shift=r.shift,
-                batch_size=r.batch_size,
-            ),
-            "rollout worker 0 (held-out evaluation)",
-        )
+        # with train.ema the held-out score is the EMA policy's (as Flow-GRPO and DiffusionNFT evaluate)
+        ema = None
+        if self.cfg.train.ema is not None:
+            ema = self.on_learners(roles, [roles.learners[0].get_ema.remote()], "get_ema", self.version)[0]
+        res = self.on_workers(
+            roles,
+            {
+                0: lambda w: w.evaluate.remote(
+                    rows,
+                    weights=ema,
+                    images_per_prompt=d.eval_images_per_prompt,
+                    seed=self.cfg.train.seed,
+                    num_steps=d.eval_num_steps,
+                    guidance_scale=d.eval_guidance_scale,
+                    sampler="dpm2",
+                    shift=r.shift,
+                    batch_size=r.batch_size,
+                )
+            },
+            "held-out evaluation",
+            self.version,
+        )[0]
         out = {"eval/overall": float(res["overall"])}
         out.update({f"eval/{k}": float(v) for k, v in res["families"].items()})
         return out
@@ -540,12 +746,20 @@ class Trainer:
         tmp = self.run.checkpoints / f".step_{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        roles.get(
+        lora = self.cfg.model.lora is not None
+        self.on_learners(
+            roles,
             [lrn.save_checkpoint.remote(str(tmp / "learner")) for lrn in roles.learners],
-            "learner (save_checkpoint)",
+            "checkpoint",
+            step,
         )
-        states = roles.get([lrn.get_weights.remote() for lrn in roles.learners], "learner (weights)")
-        save_policy_weights(states[0], tmp / "policy.safetensors", step, self.cfg.model.lora is not None)
+        states = self.on_learners(
+            roles, [lrn.get_weights.remote() for lrn in roles.learners], "get_weights", step
+        )
+        save_policy_weights(states[0], tmp / "policy.safetensors", step, lora)
+        if self.cfg.train.ema is not None:  # what `vgrpo eval` and `vgrpo export` use for this step
+            ema = self.on_learners(roles, [roles.learners[0].get_ema.remote()], "get_ema", step)[0]
+            save_policy_weights(ema, tmp / "ema.safetensors", step, lora)
         state = {
             "step": step,
             "version": step,
@@ -568,18 +782,24 @@ class Trainer:
             return 0
         step, path = ckpts[-1]
         state = json.loads((path / "driver_state.json").read_text())
-        roles.get(
+        self.on_learners(
+            roles,
             [lrn.load_checkpoint.remote(str(path / "learner")) for lrn in roles.learners],
-            "learner (load_checkpoint)",
+            "resume",
+            step,
         )
         self.source.load_state(state["data"])
+        import ray
         from safetensors.torch import load_file
 
-        weights = load_file(str(path / "policy.safetensors"))
-        roles.get(
-            [w.update_weights.remote(step, weights) for w in roles.workers], "rollout workers (restore)"
-        )
         self.version = step
+        weights = self._publish(step, ray.put(load_file(str(path / "policy.safetensors"))))
+        self.on_workers(
+            roles,
+            {i: (lambda w: w.update_weights.remote(step, weights)) for i in range(len(roles.workers))},
+            "resume",
+            step,
+        )
         self.run.truncate_metrics(step)
         return step
 
@@ -668,6 +888,20 @@ def install_stop_handlers() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+def enable_token_auth_if_available() -> bool:
+    """Ray 2.60: once a token exists (``~/.ray/auth_token``, written by any local ``ray.init``), ``ray start
+    --head`` turns token authentication on, and a client without ``RAY_AUTH_MODE=token`` cannot join (it
+    times out with a ConnectionError). A client in token mode joins clusters with auth on or off (measured),
+    so set it when a token is at hand and the user has not chosen a mode."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return False
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
+
+
 def start_ray(cfg: RunConfig, address: str | None) -> bool:
     """Join ``address`` (or RAY_ADDRESS) if given, else start an embedded local Ray. Returns whether this
     process started the cluster (and so must stop it)."""
@@ -684,6 +918,7 @@ def start_ray(cfg: RunConfig, address: str | None) -> bool:
         }
     }
     if address:
+        enable_token_auth_if_available()
         ray.init(address=address, runtime_env=env, log_to_driver=cfg.observability.log_level == "DEBUG")
         return False
     ray.init(
@@ -700,6 +935,10 @@ def start_ray(cfg: RunConfig, address: str | None) -> bool:
 
 def train(cfg: RunConfig, run_dir: Path, address: str | None = None, resume: bool = False) -> int:
     """Run the loop; returns the last completed step. Raises TrainingError / KeyboardInterrupt."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        # Ray reads RAY_AUTH_MODE once, when it is first imported: set it before that import (measured: set
+        # after `import ray`, a token-auth head refuses the client with "RAY_AUTH_MODE is 'disabled'")
+        enable_token_auth_if_available()
     import ray
 
     from vgrpo.policy import resolve_model_path

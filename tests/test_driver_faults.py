@@ -1,0 +1,169 @@
+"""The driver's fault handling, fast: the waits (``Roles.get``) on the session's Ray with trivial tasks and
+actors, and the replacement / stop decisions of the Trainer with a stand-in for the roles."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from vgrpo.driver import ActorLost, Roles, Trainer, TrainingError, death_reason
+from vgrpo.proto.config import load_config
+
+
+def bare_roles(timeout_s: float) -> Roles:
+    roles = Roles.__new__(Roles)  # only the waiting logic: no placement group, no actors
+    roles.timeout_s = timeout_s
+    return roles
+
+
+def test_the_first_failure_surfaces_at_once_and_names_its_call(ray_cluster: dict[str, Any]) -> None:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def slow() -> int:
+        time.sleep(60)
+        return 1
+
+    @ray.remote(num_cpus=0)
+    def boom() -> int:
+        raise RuntimeError("boom")
+
+    class PeerShell:
+        def ping(self) -> int:
+            return 1
+
+        def die(self) -> int:
+            os._exit(1)  # the worker process dies mid-call, as with OOM or a lost node
+
+    Peer: Any = ray.remote(num_cpus=0)(PeerShell)
+
+    roles = bare_roles(30)
+    s = slow.remote()
+    t0 = time.monotonic()
+    with pytest.raises(TrainingError, match=r"(?s)learner rank 1 \(train_step\) failed:.*boom"):
+        roles.get(
+            [s, boom.remote()],
+            "learner",
+            names=["learner rank 0 (train_step)", "learner rank 1 (train_step)"],
+        )
+    assert time.monotonic() - t0 < 20  # not after the slow call
+    peer = Peer.remote()
+    assert roles.get([peer.ping.remote(), peer.ping.remote()], "peer") == [1, 1]
+    with pytest.raises(ActorLost) as e:
+        roles.get([s, peer.die.remote()], "x", names=["a", "rollout worker 1 (sampling step 2)"])
+    assert e.value.index == 1 and "rollout worker 1 (sampling step 2): the actor died" in str(e.value)
+    assert "ActorDiedError" in e.value.reason
+    with pytest.raises(TrainingError, match=r"rank 0 \(slow\): no answer within 1 s \(train.timeout_s\)"):
+        roles.get([s], "x", names=["rank 0 (slow)"], timeout=1)
+    ray.cancel(s, force=True)
+
+
+def test_death_reason_is_one_line() -> None:
+    msg = (
+        "The actor died unexpectedly before finishing this task.\n\tclass_name: RolloutWorkerShell\n"
+        "\tactor_id: abc\n\tpid: 4242\n\tnamespace: x\nThe actor is dead because it was killed by `ray.kill`."
+    )
+    assert death_reason(RuntimeError(msg)) == "RuntimeError, pid 4242: it was killed by `ray.kill`"
+    oom = msg.replace(
+        "it was killed by `ray.kill`.",
+        "its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly "
+        "exits with a connection error code 2. End of file. Some common causes include: (1) the OOM killer",
+    )
+    assert (
+        death_reason(RuntimeError(oom))
+        == "RuntimeError, pid 4242: its worker process has died (SYSTEM_ERROR)"
+    )
+
+
+class Worker:
+    """A rollout worker as the Trainer calls it; records the weight updates sent to it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.updates: list[tuple[int, Any]] = []
+        self.update_weights = SimpleNamespace(remote=lambda v, w: self.updates.append((v, w)))
+
+
+class StandIn:
+    """The roles as the Trainer sees them: workers, learners, a get that fails as told."""
+
+    def __init__(self, fail: list[int], dead_ranks: list[int] | None = None, error: Exception | None = None):
+        self.workers = [Worker("w0"), Worker("w1")]
+        self.learners = ["l0", "l1"]
+        self.fail, self.dead_ranks, self.error = fail, dead_ranks or [], error
+        self.replaced: list[tuple[int, int, Any]] = []
+
+    def get(
+        self, refs: list[Any], role: str, timeout: float | None = None, names: list[str] | None = None
+    ) -> Any:
+        if self.error is not None:
+            raise self.error
+        if self.fail:
+            i = self.fail.pop(0)
+            raise ActorLost(f"{names[i] if names else role}: the actor died", i, "ActorDiedError: killed")
+        return [f"done:{r}" for r in refs]
+
+    def replace_worker(self, i: int, version: int, weights: Any) -> None:
+        self.replaced.append((i, version, weights))
+        self.workers[i] = Worker(self.workers[i].name + "'")
+
+    def dead_learner_ranks(self) -> list[int]:
+        return self.dead_ranks
+
+
+@pytest.fixture
+def trainer(tmp_path: Path) -> Trainer:
+    from vgrpo.driver import RunDir
+
+    return Trainer(load_config(None, ["train.max_staleness=1"]), RunDir(tmp_path / "run"))
+
+
+def test_a_dead_worker_is_replaced_and_only_its_call_redone(
+    trainer: Trainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    roles: Any = StandIn(fail=[1])
+    trainer.version = 3
+    trainer._publish(2, "ref-v2")
+    trainer._publish(3, "ref-v3")
+    calls = {0: lambda w: f"{w.name}.sample", 1: lambda w: f"{w.name}.sample"}
+    with caplog.at_level(logging.WARNING, logger="vgrpo"):
+        got = trainer.on_workers(roles, calls, "sampling step 4", version=2)
+    assert got == {0: "done:w0.sample", 1: "done:w1'.sample"}
+    # the replacement holds the version the share was to be sampled with (so the batch stays one version)
+    assert roles.replaced == [(1, 2, "ref-v2")]
+    # ... and then catches up with the current version, like the others
+    assert roles.workers[1].updates == [(3, "ref-v3")] and roles.workers[0].updates == []
+    assert "rollout worker 1 died during sampling step 4" in caplog.text
+    # versions older than any pending rollout can need are dropped
+    trainer._publish(4, "ref-v4")
+    assert sorted(trainer.published) == [2, 3, 4]
+
+
+def test_a_worker_that_keeps_dying_stops_the_run(trainer: Trainer) -> None:
+    roles: Any = StandIn(fail=[0, 0, 0, 0])
+    with pytest.raises(TrainingError, match="not replacing it any more"):
+        trainer.on_workers(roles, {0: lambda w: w.name}, "sampling step 1", version=0)
+
+
+def test_a_dead_learner_rank_stops_the_run_naming_the_rank_and_resume(trainer: Trainer) -> None:
+    roles: Any = StandIn(fail=[1])
+    with pytest.raises(TrainingError) as e:
+        trainer.on_learners(roles, ["r0", "r1"], "train_step", 3)
+    text = str(e.value)
+    assert text.startswith("learner rank 1 died during train_step of step 3 (ActorDiedError: killed)")
+    assert f"`vgrpo train --run-dir {trainer.run.root} --resume` continues from step 0" in text
+    # the surviving peer's collective error arrives first: the dead rank is found by probing
+    peer_error = TrainingError("learner rank 0 (train_step) failed:\nRuntimeError: Connection closed by peer")
+    (trainer.run.checkpoints / "step_2").mkdir()
+    (trainer.run.checkpoints / "step_2" / "driver_state.json").write_text("{}")
+    with pytest.raises(TrainingError, match=r"learner rank 1 died .*the last checkpoint \(step 2\)"):
+        trainer.on_learners(StandIn([], dead_ranks=[1], error=peer_error), ["r0", "r1"], "train_step", 3)  # type: ignore[arg-type]
+    # no rank is dead: the rank's own error stands
+    with pytest.raises(TrainingError, match="Connection closed by peer"):
+        trainer.on_learners(StandIn([], error=peer_error), ["r0", "r1"], "train_step", 3)  # type: ignore[arg-type]

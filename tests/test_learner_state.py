@@ -1,0 +1,136 @@
+"""The learner's own state, in-process on one rank (no Ray): the consolidated checkpoint that lets a run
+resume on another number of ranks or ZeRO stage, and the EMA of the policy (``train.ema``)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from vgrpo.proto.config import load_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    """One gloo group of one rank for the module (torch.distributed is per process); torn down after."""
+    yield _free_port()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _engine(port: int, *sets: str) -> Any:
+    from vgrpo.learner.engine import LearnerEngine
+
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=2", "learner.lr=0.01", *sets])
+    eng = LearnerEngine(
+        cfg.model, cfg.learner, cfg.algorithm, cfg.rollout, 0, 1, total_steps=8, seed=0, device="cpu"
+    )
+    eng.init_distributed("127.0.0.1", port, keep_history=1, ema=cfg.train.ema)
+    return eng
+
+
+def _shard(eng: Any, step: int) -> dict[str, Any]:
+    from vgrpo.rollout_workers.samplers import sd3_sigmas
+
+    c = eng.module.config
+    rng = np.random.default_rng(step)
+    b = 4
+    return {
+        "latents": rng.standard_normal((b, c.in_channels, c.sample_size, c.sample_size)).astype(np.float32),
+        "prompt_embeds": rng.standard_normal((b, 3, c.joint_attention_dim)).astype(np.float32),
+        "pooled": rng.standard_normal((b, c.pooled_projection_dim)).astype(np.float32),
+        "group_ids": np.array([0, 0, 1, 1]),
+        "advantages": np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32),
+        "sigmas": sd3_sigmas(4, shift=3.0).numpy(),
+        "shift": 3.0,
+        "policy_version": step - 1,
+        "trajectory": None,
+        "logp": None,
+    }
+
+
+def _step(eng: Any, step: int) -> dict[str, torch.Tensor]:
+    eng.train_step(_shard(eng, step), step)
+    return eng.publish(1)
+
+
+@pytest.mark.slow  # two DeepSpeed engines on gloo, ~2 min on 2 shared cores
+def test_consolidated_state_resumes_in_another_zero_layout(port: int, tmp_path: Path) -> None:
+    """ZeRO-2 trains 2 steps and checkpoints; a ZeRO-3 group (another layout, as another rank count is)
+    loads the consolidated state instead of the shards: the same weights, Adam moments, step count and
+    LR schedule, so its next update equals the one the original group makes."""
+    from vgrpo.learner.engine import CONSOLIDATED, LAYOUT
+
+    a = _engine(port, "learner.zero_stage=2", "learner.lr_schedule=cosine")
+    for step in (1, 2):
+        _step(a, step)
+    a.save_checkpoint(str(tmp_path / "learner"))
+    assert (tmp_path / "learner" / CONSOLIDATED).is_file() and (tmp_path / "learner" / LAYOUT).is_file()
+    state = a.consolidated_state()
+    assert state["optimizer"]["step"] == 2 and set(state["optimizer"]["exp_avg"]) == set(state["weights"])
+    assert any(v.abs().sum() > 0 for v in state["optimizer"]["exp_avg_sq"].values())
+
+    b = _engine(port, "learner.zero_stage=3", "learner.lr_schedule=cosine")
+    assert b.load_checkpoint(str(tmp_path / "learner")) == 2
+    got = b.consolidated_state()
+    assert got["optimizer"]["step"] == 2
+    for k in state["weights"]:
+        torch.testing.assert_close(got["weights"][k], state["weights"][k])
+        for m in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got["optimizer"][m][k], state["optimizer"][m][k])
+    assert b.engine.get_lr() == a.engine.get_lr()
+    assert sorted(b.history) == sorted(a.history)
+
+    wa, wb = _step(a, 3), _step(b, 3)
+    moved = max(float((wa[k] - state["weights"][k]).abs().max()) for k in wa)
+    assert moved > 0
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ema_follows_the_policy_with_warmup_and_survives_a_checkpoint(port: int, tmp_path: Path) -> None:
+    a = _engine(port, "train.ema=0.9")
+    w0 = {k: v.clone() for k, v in a.get_ema().items()}
+    ws = [_step(a, s) for s in (1, 2)]
+    # update t uses min(0.9, (1 + t) / (10 + t)): 0.1 then 2/11
+    want = {k: 0.1 * w0[k] + 0.9 * ws[0][k] for k in w0}
+    want = {k: (2 / 11) * want[k] + (9 / 11) * ws[1][k] for k in w0}
+    ema = a.get_ema()
+    for k in w0:
+        torch.testing.assert_close(ema[k], want[k])
+    assert a.ema_decay_at(100) == 0.9
+    a.save_checkpoint(str(tmp_path / "learner"))
+    b = _engine(port, "train.ema=0.9")
+    b.load_checkpoint(str(tmp_path / "learner"))
+    assert b.ema_updates == 2
+    for k in w0:
+        torch.testing.assert_close(b.get_ema()[k], ema[k])
+    assert _engine(port).get_ema() is None
+
+
+def test_eval_and_export_read_the_ema_weights_when_the_run_kept_them(tmp_path: Path) -> None:
+    from vgrpo.checkpoints import policy_weights
+    from vgrpo.learner.engine import save_policy_weights
+
+    folder = tmp_path / "checkpoints" / "step_3"
+    folder.mkdir(parents=True)
+    save_policy_weights({"w": torch.zeros(2)}, folder / "policy.safetensors", 3, lora=True)
+    (folder / "driver_state.json").write_text("{}")
+    assert torch.equal(policy_weights(tmp_path, None)[1]["w"], torch.zeros(2))  # type: ignore[index]
+    save_policy_weights({"w": torch.ones(2)}, folder / "ema.safetensors", 3, lora=True)
+    step, weights = policy_weights(tmp_path, None)
+    assert step == 3 and weights is not None and torch.equal(weights["w"], torch.ones(2))
+    assert torch.equal(policy_weights(tmp_path, 3, ema=False)[1]["w"], torch.zeros(2))  # type: ignore[index]
