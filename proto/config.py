@@ -12,10 +12,18 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ALGORITHMS = ("vgrpo", "dgpo", "flow_grpo", "nft")
 AdvantageNorm = Literal["group", "global_std", "none"]
@@ -38,6 +46,9 @@ def check_custom_resources(v: dict[str, float]) -> dict[str, float]:
         if not (math.isfinite(amount) and amount >= 0):
             raise ValueError(f"custom resource {name!r} = {amount}: want a finite amount >= 0")
     return v
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(check_custom_resources)]
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -120,15 +131,10 @@ class RolloutConfig(Section):
     batch_size: int = Field(32, ge=1, description="images per sampler forward pass")
     cpus_per_worker: float = Field(0.25, ge=0)
     gpus_per_worker: float = Field(0.0, ge=0)
-    custom_resources: dict[str, float] = Field(
+    custom_resources: CustomResources = Field(
         default_factory=dict,
         description="extra Ray resources per worker, e.g. {vgrpo_rollout: 1} to pin workers to a node group",
     )
-
-    @field_validator("custom_resources")
-    @classmethod
-    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
-        return check_custom_resources(v)
 
     @field_validator("group_size")
     @classmethod
@@ -158,14 +164,9 @@ class RewardServerConfig(Section):
     cpus: float = Field(0.25, ge=0)
     gpus: float = Field(0.0, ge=0)
     options: dict[str, Any] = Field(default_factory=dict, description="reward-specific settings")
-    custom_resources: dict[str, float] = Field(
+    custom_resources: CustomResources = Field(
         default_factory=dict, description="extra Ray resources per replica, e.g. {vgrpo_reward: 0.5}"
     )
-
-    @field_validator("custom_resources")
-    @classmethod
-    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
-        return check_custom_resources(v)
 
 
 class RewardConfig(Section):
@@ -312,14 +313,9 @@ class LearnerConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     cpus_per_rank: float = Field(0.5, ge=0)
     gpus_per_rank: float = Field(0.0, ge=0)
-    custom_resources: dict[str, float] = Field(
+    custom_resources: CustomResources = Field(
         default_factory=dict, description="extra Ray resources per rank, e.g. {vgrpo_learner: 1}"
     )
-
-    @field_validator("custom_resources")
-    @classmethod
-    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
-        return check_custom_resources(v)
 
 
 # ----------------------------------------------------------------------------------------------- train

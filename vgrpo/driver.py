@@ -917,8 +917,7 @@ def start_ray(cfg: RunConfig, address: str | None) -> bool:
             )
         }
     }
-    if address:
-        enable_token_auth_if_available()
+    if address:  # RAY_AUTH_MODE was settled before `import ray` (train)
         ray.init(address=address, runtime_env=env, log_to_driver=cfg.observability.log_level == "DEBUG")
         return False
     ray.init(
