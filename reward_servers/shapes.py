@@ -14,18 +14,34 @@ from vgrpo.shapes.prompts import PromptError, parse_prompt
 from vgrpo.shapes.reward import evaluate
 from vgrpo.shapes.spec import REFERENCE_SIZE
 
+# partial: the fraction of clauses that hold (GENEVAL_SHAPES.md's training reward); binary: GenEval's
+# evaluation score; mixed: their mean (a pass is worth twice any near-miss, so partial credit alone
+# cannot outbid composing the scene right).
+MODES = ("partial", "binary", "mixed")
+
+
+def _value(verdict_reward: float, verdict_score: float, mode: str) -> float:
+    if mode == "binary":
+        return verdict_score
+    if mode == "mixed":
+        return 0.5 * (verdict_reward + verdict_score)
+    return verdict_reward
+
 
 class ShapesReward(Reward):
     """Scores images of any size against GenEval-Shapes prompts (images are resized to `size` first)."""
 
     name = "shapes"
 
-    def __init__(self, size: int = REFERENCE_SIZE) -> None:
+    def __init__(self, size: int = REFERENCE_SIZE, mode: str = "partial") -> None:
         if not isinstance(size, int) or size < 16:
             raise ValueError(
                 f"shapes reward option size={size!r}: want an int >= 16 (the spec image size, 64)"
             )
+        if mode not in MODES:
+            raise ValueError(f"shapes reward option mode={mode!r}: want one of {', '.join(MODES)}")
         self.size = size
+        self.mode = mode
 
     def score(
         self, images: list[np.ndarray], prompts: list[str], metadata: list[dict] | None = None
@@ -46,5 +62,5 @@ class ShapesReward(Reward):
                 "clauses": verdict.to_dict()["clauses"],
                 "detections": [asdict(d) for d in dets],
             }
-            out.append(ScoredItem(verdict.reward, details=details))
+            out.append(ScoredItem(_value(verdict.reward, verdict.score, self.mode), details=details))
         return out

@@ -24,11 +24,14 @@ FAMILY_ORDER = ("single_object", "two_object", "counting", "colors", "position",
 BUILTIN_PREFIX = "builtin:shapes/"
 
 
-def load_prompt_rows(spec: str | Path, max_prompts: int | None = None) -> list[dict[str, Any]]:
+def load_prompt_rows(
+    spec: str | Path, max_prompts: int | None = None, strict: bool = True
+) -> list[dict[str, Any]]:
     """Prompt rows ``{"prompt", "tag", ...}`` from ``builtin:shapes/<split>``, a ``.jsonl`` file (GenEval
     metadata: one object a line with ``prompt`` and ``tag``) or a ``.txt`` file (one prompt a line, the
-    family parsed from the GenEval-Shapes grammar)."""
-    from vgrpo.shapes.prompts import load_split, parse_prompt
+    family parsed from the GenEval-Shapes grammar). ``strict``: a prompt outside that grammar without a
+    ``tag`` is an error (evaluation); otherwise it is kept untagged (training prompts of any reward)."""
+    from vgrpo.shapes.prompts import PromptError, load_split, parse_prompt
 
     text = str(spec)
     if text.startswith(BUILTIN_PREFIX):
@@ -45,7 +48,11 @@ def load_prompt_rows(spec: str | Path, max_prompts: int | None = None) -> list[d
             rows = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
         for row in rows:
             if "tag" not in row:
-                row["tag"] = _family_of(parse_prompt, row["prompt"])
+                try:
+                    row["tag"] = _family_of(parse_prompt, row["prompt"])
+                except PromptError:
+                    if strict:
+                        raise
     return rows[:max_prompts] if max_prompts else rows
 
 
