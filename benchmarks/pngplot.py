@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vgrpo.report import nice_ticks
+
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -61,22 +63,6 @@ def save_chart(path: Path, panels: list[Panel], width: int = 1100, panel_height:
     return path
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    out: list[float] = []
-    v = start
-    while not out or out[-1] < hi - 1e-9 * step:  # the last tick is at or above hi: nothing is clipped
-        if v >= lo - 1e-9 * step:
-            out.append(round(v, 10))
-        v += step
-    return out
-
-
 def _label(v: float) -> str:
     if v == 0:
         return "0"
@@ -108,8 +94,9 @@ def _save_pil(path: Path, panels: list[Panel], width: int, panel_height: int) ->
             x_lo = 0.0  # linear axes (seconds, steps) start at 0
         if x_hi == x_lo:
             x_hi = x_lo + 1
-        y_ticks = _ticks(min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0)
-        y_lo, y_hi = y_ticks[0], y_ticks[-1]
+        y_top = max(ys) * 1.05 if max(ys) > 0 else 1.0
+        y_ticks = nice_ticks(min(0.0, min(ys)), y_top)
+        y_lo, y_hi = y_ticks[0], max(y_ticks[-1], y_top)
 
         px = _Scale(x_a, x_b, x_lo, x_hi, p.logx)
         py = _Scale(y_b, y_a, y_lo, y_hi, False)
@@ -117,7 +104,11 @@ def _save_pil(path: Path, panels: list[Panel], width: int, panel_height: int) ->
         for yt in y_ticks:  # grid and y labels
             draw.line([(x_a, py(yt)), (x_b, py(yt))], fill="#e6e6e6")
             draw.text((x_a - 8 - 6 * len(_label(yt)), py(yt) - 6), _label(yt), fill="black", font=font)
-        x_ticks = sorted(set(xs)) if p.logx else _ticks(min(xs), max(xs))
+        x_ticks = (
+            sorted(set(xs))
+            if p.logx
+            else [t for t in nice_ticks(min(xs), max(xs)) if x_lo <= t <= x_hi + 1e-9]
+        )
         if len(x_ticks) > 12:
             x_ticks = x_ticks[:: math.ceil(len(x_ticks) / 12)]
         for xt in x_ticks:

@@ -253,6 +253,21 @@ def test_killed_reward_replica_is_replaced_and_requests_retried(
     assert_same_metrics(rows, reference)
 
 
+def resume_to_the_end(run: Path, *extra: str) -> list[dict[str, Any]]:
+    """`vgrpo train --run-dir RUN --resume [extra]` to its last step; its metrics, each step once."""
+    resumed = subprocess.run(
+        vgrpo_train("--run-dir", str(run), "--resume", *extra),
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4], "a step missing or logged twice"
+    return rows
+
+
 def test_sigkill_of_the_driver_then_resume_continues_exactly(
     reference: list[dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -267,16 +282,7 @@ def test_sigkill_of_the_driver_then_resume_continues_exactly(
         proc.wait(30)
         left = end_session(proc.pid, 45)
     assert not left, f"processes outlived the SIGKILL of the driver's group by 45 s: {left}"
-    resumed = subprocess.run(
-        vgrpo_train("--run-dir", str(run), "--resume"),
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=900,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = metrics(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4], "a step missing or logged twice"
+    rows = resume_to_the_end(run)
     assert_same_metrics(rows, reference)
 
 
@@ -305,16 +311,7 @@ def test_killed_learner_rank_stops_with_a_message_then_resume_on_fewer_ranks(tmp
     assert "died during" in out and "learner rank" in out and "--resume" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     # capacity may change on resume: the same run on 1 rank loads the consolidated learner state
-    resumed = subprocess.run(
-        vgrpo_train("--run-dir", str(run), "--resume", "--set", "learner.num_ranks=1"),
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=900,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = metrics(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    rows = resume_to_the_end(run, "--set", "learner.num_ranks=1")
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert load_config(run / "config.yaml").learner.num_ranks == 1
 

@@ -93,7 +93,9 @@ def sample_steps(run_dir: Path) -> list[tuple[int, Path]]:
 # ----------------------------------------------------------------------------------------------- SVG charts
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round ticks (steps of 1, 2, 2.5 or 5 x 10^k) from at or below ``lo`` to about ``hi``
+    (the charts of the report and of benchmarks/pngplot.py)."""
     if hi <= lo:
         hi = lo + 1.0
     raw = (hi - lo) / n
@@ -133,9 +135,9 @@ class _Frame:
             y0, y1 = y0 - pad, y1 + pad
         if x1 - x0 < 1e-12:
             x0, x1 = x0 - 1, x1 + 1
-        self.yt = _nice_ticks(y0, y1)
+        self.yt = nice_ticks(y0, y1)
         self.y0, self.y1 = min(self.yt[0], y0), max(self.yt[-1], y1)
-        self.xt = [t for t in _nice_ticks(x0, x1, 6) if x0 <= t <= x1 and float(t).is_integer()] or [x0, x1]
+        self.xt = [t for t in nice_ticks(x0, x1, 6) if x0 <= t <= x1 and float(t).is_integer()] or [x0, x1]
         self.x0, self.x1 = x0, x1
 
     def px(self, x: float) -> float:
