@@ -24,6 +24,7 @@ class LearnerShell(LearnerEngine):
         super().__init__(*args, **kwargs)
         self.worker = metrics.worker_id("learner", self.rank)
         metrics.actor_started("learner", self.worker, error_kinds=("train_step", "publish"))
+        self.weight_sync: Any = None  # rank 0 only: the weight-broadcast group with the rollout workers
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port for the DeepSpeed group's rendezvous (asked of rank 0)."""
@@ -46,7 +47,10 @@ class LearnerShell(LearnerEngine):
         metrics.learner_stepped(self.worker, out, n_samples, time.perf_counter() - t0, self.version)
         return out
 
-    def publish(self, keep_history: int) -> dict[str, torch.Tensor]:
+    def publish(self, keep_history: int, ship: bool = True) -> dict[str, torch.Tensor]:
+        """The published state of the current version (a collective under ZeRO-3: every rank calls).
+        ``ship=False``: the rank keeps it (history, EMA) and returns an empty dict, so the driver does not
+        receive a copy it has no use for (ranks > 0, or rank 0 when the weights go by broadcast)."""
         t0 = time.perf_counter()
         try:
             state = super().publish(keep_history)
@@ -55,7 +59,61 @@ class LearnerShell(LearnerEngine):
             raise
         n_bytes = sum(int(v.numel()) * v.element_size() for v in state.values())
         metrics.weights_synced("learner", self.worker, time.perf_counter() - t0, n_bytes, self.version)
-        return state
+        return state if ship else {}
+
+    def published_weights(self, version: int) -> dict[str, torch.Tensor]:
+        """A published version still in the history (the last ``keep_history``): what a replacement
+        rollout worker is loaded with, or the object-store fallback of a failed broadcast."""
+        if version not in self.history:
+            raise KeyError(
+                f"learner rank {self.rank}: version {version} is no longer kept (kept: {sorted(self.history)})"
+            )
+        return self.history[version]
+
+    def join_weight_sync(
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+    ) -> dict[str, Any]:
+        """Host (rank 0) the weight-broadcast group with the rollout workers at host:port (a port from
+        :meth:`rendezvous_address`); a rebuilt group replaces the old one. A collective with the workers'
+        join_weight_sync."""
+        from vgrpo.weight_sync import init_weight_sync_group
+
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+            self.weight_sync = None
+        self.weight_sync = init_weight_sync_group(host, port, rank, world_size, backend, timeout_s)
+        return {"rank": rank, "device": str(self.weight_sync.device)}
+
+    def broadcast_weights(self, keep_history: int, bucket_mb: float | None) -> dict[str, Any]:
+        """Publish the current version (as :meth:`publish`: every learner rank calls publish or this at
+        once, a collective under ZeRO-3) and broadcast it to the rollout workers (a collective with their
+        receive_weights; ``bucket_mb``: None = one shot, for LoRA). Returns the version, bytes and times
+        only: the weights stay here (history) for a replacement worker or a fallback."""
+        t0 = time.perf_counter()
+        state = self.publish(keep_history, ship=True)
+        t1 = time.perf_counter()
+        if self.weight_sync is None:
+            raise RuntimeError("broadcast_weights: no weight-sync group on this rank (join_weight_sync)")
+        try:
+            self.weight_sync.broadcast(state, version=self.version, bucket_mb=bucket_mb)
+        except Exception:
+            metrics.error("learner", self.worker, "publish")
+            self.weight_sync.abort()  # receivers still in this broadcast fail now, not at the timeout
+            self.weight_sync = None  # the driver rebuilds the group before the next broadcast
+            raise
+        n_bytes = sum(int(v.numel()) * v.element_size() for v in state.values())
+        return {
+            "version": self.version,
+            "bytes": n_bytes,
+            "publish_s": t1 - t0,
+            "broadcast_s": time.perf_counter() - t1,
+        }
 
 
 LearnerActor = ray.remote(LearnerShell)

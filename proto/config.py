@@ -98,6 +98,11 @@ class DataConfig(Section):
     )
     eval_prompts: str = Field("builtin:shapes/heldout", description="held-out prompt file")
     shuffle: bool = True
+    balance_by: str | None = Field(
+        None,
+        description="a metadata field (e.g. tag, GenEval's family) whose groups are drawn equally often; "
+        "None: every prompt once per epoch",
+    )
     eval_images_per_prompt: int = Field(4, ge=1, description="GenEval samples 4 images per prompt")
     eval_max_prompts: int | None = Field(None, ge=1, description="cap on held-out prompts (None: all)")
     eval_num_steps: int = Field(10, ge=1, description="held-out sampler steps (deterministic ODE)")
@@ -333,6 +338,18 @@ class TrainConfig(Section):
     run_name: str | None = None
     storage: str | None = Field(None, description="shared path or fsspec URL for the run directory")
     timeout_s: float = Field(600.0, gt=0, description="limit on any single remote wait")
+    weight_sync: Literal["auto", "object_store", "collective"] = Field(
+        "auto",
+        description="how published weights reach the rollout workers: collective = a broadcast from learner "
+        "rank 0 in a group with the workers (NCCL on GPU, gloo on CPU), object_store = ray.put + each worker "
+        "fetches; auto = collective when rollout.gpus_per_worker > 0 and learner.gpus_per_rank > 0, else "
+        "object_store. A failed broadcast falls back to the object store for that step",
+    )
+    weight_sync_bucket_mb: float = Field(
+        256.0,
+        gt=0,
+        description="MiB per broadcast bucket for full weights (model.lora = null); LoRA goes in one shot",
+    )
 
 
 class ResourcesConfig(Section):

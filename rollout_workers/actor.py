@@ -24,6 +24,7 @@ class RolloutWorkerShell(RolloutEngine):
         self.worker = metrics.worker_id("rollout")
         metrics.actor_started("rollout", self.worker, error_kinds=("sample", "update_weights"))
         metrics.record("vgrpo_policy_version", self.version, "rollout", self.worker)
+        self.weight_sync: Any = None  # this worker's rank in the weight-broadcast group (join_weight_sync)
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "version": self.version}
@@ -47,6 +48,47 @@ class RolloutWorkerShell(RolloutEngine):
         n_bytes = sum(int(v.numel()) * v.element_size() for v in state.values())
         metrics.weights_synced("rollout", self.worker, time.perf_counter() - t0, n_bytes, got)
         return got
+
+    def join_weight_sync(
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+    ) -> dict[str, Any]:
+        """Join (or re-join: a rebuilt group replaces the old one) the weight-broadcast group hosted by
+        learner rank 0 at host:port as ``rank`` (1..R). A collective: every member calls it at once."""
+        from vgrpo.weight_sync import init_weight_sync_group
+
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+            self.weight_sync = None
+        self.weight_sync = init_weight_sync_group(host, port, rank, world_size, backend, timeout_s)
+        return {"rank": rank, "device": str(self.weight_sync.device)}
+
+    def receive_weights(self) -> dict[str, Any]:
+        """Receive learner rank 0's broadcast of a new version into this worker's policy (see
+        :meth:`RolloutEngine.receive_weights_from`). A collective with the learner's broadcast_weights."""
+        if self.weight_sync is None:
+            raise RuntimeError("receive_weights: this worker is in no weight-sync group (join_weight_sync)")
+        t0 = time.perf_counter()
+        before = self.weight_sync.bytes_sent
+        try:
+            got = super().receive_weights_from(self.weight_sync)
+        except ValueError:  # the manifest did not fit the model: the broadcast itself completed
+            metrics.error("rollout", self.worker, "update_weights")
+            raise
+        except Exception:
+            metrics.error("rollout", self.worker, "update_weights")
+            self.weight_sync.abort()  # the others still in this broadcast fail now, not at the timeout
+            self.weight_sync = None  # the driver rebuilds the group before the next broadcast
+            raise
+        seconds = time.perf_counter() - t0
+        n_bytes = self.weight_sync.bytes_sent - before
+        metrics.weights_synced("rollout", self.worker, seconds, n_bytes, got)
+        return {"version": got, "seconds": seconds, "bytes": n_bytes}
 
     def evaluate(
         self, rows: list[dict], weights: dict[str, torch.Tensor] | None = None, **kwargs: Any

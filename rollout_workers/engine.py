@@ -13,7 +13,7 @@ from typing import Any, Literal, cast
 import torch
 
 from vgrpo import policy as P
-from vgrpo.adapters import add_lora, load_weights
+from vgrpo.adapters import add_lora, load_weights, trainable_params
 from vgrpo.proto.config import ModelConfig, RolloutConfig
 from vgrpo.rollout_workers.samplers import apply_cfg, ode_sample, sd3_sigmas, sde_sample
 
@@ -50,6 +50,7 @@ class RolloutEngine:
             add_lora(self.pipe.transformer, model.lora, seed=seed)
             self.pipe.transformer.requires_grad_(False)
         self.version = 0
+        self.incomplete = False  # a broadcast broke off midway: the weights are not one version
         self._lock = threading.Lock()
         shift = (
             rollout.shift
@@ -66,6 +67,28 @@ class RolloutEngine:
         with self._lock:
             load_weights(self.pipe.transformer, state)
             self.version = int(version)
+            self.incomplete = False  # every trainable weight was just written
+        return self.version
+
+    def receive_weights_from(self, group: Any) -> int:
+        """Take part in a weight broadcast (``vgrpo/weight_sync.py``: a collective, learner rank 0 sends)
+        and adopt its version. The values land in place in the transformer's trainable parameters, under
+        the sampling lock, and the version changes in the same critical section: a batch never mixes
+        versions. A manifest that does not fit the model writes nothing (ValueError). A broadcast that
+        breaks off midway (a peer died, a timeout) may leave some tensors of the new version: the worker
+        is then marked incomplete and refuses to sample until a full :meth:`update_weights` arrives (the
+        driver's object-store fallback)."""
+        with self._lock:
+            params = trainable_params(self.pipe.transformer)
+            try:
+                version, _ = group.broadcast(out=params, exact=True)
+            except ValueError:  # the manifest did not fit: nothing was written
+                raise
+            except BaseException:
+                self.incomplete = True
+                raise
+            self.version = int(version)
+            self.incomplete = False
         return self.version
 
     def get_version(self) -> int:
@@ -86,6 +109,11 @@ class RolloutEngine:
                 f"sample: {len(prompts)} prompts x G={group_size} needs {n} seeds, got {len(seeds)}"
             )
         with self._lock:
+            if self.incomplete:
+                raise RuntimeError(
+                    f"rollout worker holds a partial weight update (a broadcast after version {self.version} "
+                    "broke off); it samples again after a full update_weights"
+                )
             t0 = time.perf_counter()
             version = self.version
             pipe = self.pipe

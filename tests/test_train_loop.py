@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -105,3 +106,78 @@ def test_weight_update_is_atomic(tmp_path):
     out = eng.sample(["a photo of a red circle"], 2, [1, 2])
     assert out["policy_version"] == 1 and out["images"].shape[0] == 2
     assert np.isfinite(out["latents"]).all()
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_collective_weight_sync_matches_the_object_store(ray_cluster, tmp_path, caplog, max_staleness):
+    """train.weight_sync=collective (gloo on CPU) with two rollout workers: the same seed gives the same
+    run as the object-store path (the weights are identical, so step 2's rewards match exactly), and the
+    sync is timed and recorded. With max_staleness=1 the broadcast of version 1 meets workers still
+    sampling step 2 (launched before it): it waits for them, and step 2 is sampled by version 0 alone."""
+    from vgrpo.driver import train
+
+    rows = {}
+    for mode in ("collective", "object_store"):
+        sets = [*FAST, "rollout.num_workers=2", f"train.weight_sync={mode}", "train.checkpoint_every=2"]
+        cfg = load_config(None, [*sets, f"train.max_staleness={max_staleness}"])
+        run = tmp_path / mode
+        with caplog.at_level(logging.WARNING, logger="vgrpo"):
+            assert train(cfg, run) == 2
+        rows[mode] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "weight broadcast" not in caplog.text and "weight-broadcast group" not in caplog.text, caplog.text
+    assert [r["staleness"] for r in rows["collective"]] == [0, max_staleness]
+    for a, b in zip(rows["collective"], rows["object_store"], strict=True):
+        assert a["weight_sync_collective"] == 1 and b["weight_sync_collective"] == 0
+        assert a["time/weight_sync"] > 0 and math.isfinite(a["time/weight_sync"])
+        assert a["weight_sync_bytes"] == b["weight_sync_bytes"] > 0
+        for k in ("reward_mean", "reward_std", "reward/shapes"):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["broadcast", "sampling"])
+def test_worker_killed_with_the_collective_on(ray_cluster, tmp_path, monkeypatch, caplog, when):
+    """The collective on, rollout worker 1 killed. ``broadcast``: just before the broadcast of version 1:
+    that step's weights go by the object store (the dead worker replaced, loaded with them), the group is
+    rebuilt with the replacement. ``sampling``: while it samples step 2: collect replaces it, and the
+    group is rebuilt with the replacement before the broadcast of version 2. Either way every step uses
+    the broadcast and the run equals the object-store run of the same seed."""
+    import ray
+
+    from vgrpo import driver
+
+    sets = [*FAST, "train.steps=3", "rollout.num_workers=2", "train.checkpoint_every=3", "train.timeout_s=90"]
+    assert driver.train(load_config(None, [*sets, "train.weight_sync=object_store"]), tmp_path / "ref") == 3
+    name = "broadcast_weights" if when == "broadcast" else "launch"
+    original = getattr(driver.Trainer, name)
+    at_step = 1 if when == "broadcast" else 2
+    killed: list = []
+
+    def kill_then_call(self, roles, step):
+        if when == "broadcast" and step == at_step and not killed:
+            killed.append(roles.workers[1])
+            ray.kill(roles.workers[1], no_restart=True)
+        out = original(self, roles, step)
+        if when == "sampling" and step == at_step and not killed:
+            killed.append(roles.workers[1])
+            ray.kill(roles.workers[1], no_restart=True)
+        return out
+
+    monkeypatch.setattr(driver.Trainer, name, kill_then_call)
+    with caplog.at_level(logging.WARNING, logger="vgrpo"):
+        cfg = load_config(None, [*sets, "train.weight_sync=collective"])
+        assert driver.train(cfg, tmp_path / "run") == 3
+    assert killed
+    if when == "broadcast":
+        assert "the weight broadcast of version 1 failed" in caplog.text, caplog.text
+    else:
+        assert "rollout worker 1 died during sampling step 2" in caplog.text, caplog.text
+        assert "weight broadcast" not in caplog.text, caplog.text
+    assert "could not build" not in caplog.text, caplog.text
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rows, ref = read(tmp_path / "run"), read(tmp_path / "ref")
+    assert [r["weight_sync_collective"] for r in rows] == [1, 1, 1]
+    for a, b in zip(rows, ref, strict=True):
+        for k in ("reward_mean", "reward_std", "reward/shapes"):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])

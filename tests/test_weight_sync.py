@@ -4,6 +4,7 @@ sends, a rollout rank receives. NCCL takes the same path with CUDA buffers; it n
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -87,3 +88,92 @@ def test_gloo_broadcast_two_processes(tmp_path: Path) -> None:
     sent_bytes = torch.load(tmp_path / "bytes0.pt")["bytes"]
     recv_bytes = torch.load(tmp_path / "bytes1.pt")["bytes"]
     assert sent_bytes == recv_bytes > 0
+
+
+def _sender(port: int, state_path: str) -> None:
+    """Learner rank 0's side for the receive test: version 1 (fits the model), version 2 (one name short:
+    refused without a write), version 3 (fits, sent after a pause), then version 4 broken off after its
+    first bucket (this process exits, as a dead learner or a lost link would)."""
+    import os
+    import time
+
+    states = torch.load(state_path)
+    group = init_weight_sync_group("127.0.0.1", port, 0, 2, backend="gloo", timeout_s=60)
+    group.broadcast(states[1], version=1, bucket_mb=None)
+    short = dict(states[1])
+    short.pop(next(iter(short)))
+    group.broadcast(short, version=2, bucket_mb=None)
+    time.sleep(1.0)  # the receiver holds its lock meanwhile: a sample asked for now must wait
+    group.broadcast(states[3], version=3, bucket_mb=0.01)
+    calls = [0]
+    send = group._bcast
+
+    def die_after_first_bucket(tensor: torch.Tensor, src: int) -> None:
+        calls[0] += 1
+        if calls[0] == 4:  # manifest length, manifest, bucket 0 went out; bucket 1 never does
+            os._exit(0)
+        send(tensor, src)
+
+    group._bcast = die_after_first_bucket  # type: ignore[method-assign]
+    group.broadcast(states[4], version=4, bucket_mb=0.01)
+
+
+def test_receive_adopts_a_version_atomically(tmp_path: Path) -> None:
+    """A rollout engine's receive_weights_from (the collective path): the values land in place and the
+    version with them, under the sampling lock (a sample asked for mid-receive waits and gets the new
+    version); a manifest that does not fit writes nothing; a broadcast that breaks off leaves the worker
+    refusing to sample until a full update arrives."""
+    import threading
+
+    import pytest
+
+    from vgrpo.adapters import trainable_params
+    from vgrpo.proto.config import load_config
+    from vgrpo.rollout_workers.engine import RolloutEngine
+
+    cfg = load_config(None, ["rollout.num_steps=2"])
+    eng = RolloutEngine(cfg.model, cfg.rollout, "dpm2", device="cpu")
+    params = trainable_params(eng.pipe.transformer)
+    assert len(params) > 2
+    g = torch.Generator().manual_seed(7)
+    states = {v: {k: torch.randn(p.shape, generator=g) for k, p in params.items()} for v in (1, 3, 4)}
+    torch.save(states, tmp_path / "states.pt")
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    sender = ctx.Process(target=_sender, args=(port, str(tmp_path / "states.pt")))
+    sender.start()
+    try:
+        group = init_weight_sync_group("127.0.0.1", port, 1, 2, backend="gloo", timeout_s=60)
+        assert eng.receive_weights_from(group) == 1
+        assert eng.get_version() == 1
+        assert all(torch.equal(p, states[1][k]) for k, p in params.items())
+        ids = {k: p.data_ptr() for k, p in params.items()}  # in place: the same storage afterwards
+
+        with pytest.raises(ValueError, match="does not match the model"):
+            eng.receive_weights_from(group)
+        assert eng.get_version() == 1 and not eng.incomplete
+        assert all(torch.equal(p, states[1][k]) for k, p in params.items())
+
+        got: dict[str, int] = {}
+        receiver = threading.Thread(target=lambda: got.update(v=eng.receive_weights_from(group)))
+        receiver.start()
+        while not eng._lock.locked():  # the receive holds the sampling lock while the sender pauses
+            time.sleep(0.01)
+        out = eng.sample(["a photo of a red circle"], 2, [1, 2])  # waits for the receive to finish
+        receiver.join(timeout=60)
+        assert got == {"v": 3} and out["policy_version"] == 3
+        assert all(torch.equal(p, states[3][k]) for k, p in params.items())
+        assert {k: p.data_ptr() for k, p in params.items()} == ids
+
+        with pytest.raises(Exception):  # noqa: B017  # gloo's error for a peer that went away
+            eng.receive_weights_from(group)
+        assert eng.incomplete and eng.get_version() == 3
+        with pytest.raises(RuntimeError, match="partial weight update"):
+            eng.sample(["a photo of a red circle"], 2, [1, 2])
+        assert eng.update_weights(4, states[4]) == 4  # the object-store fallback makes it whole again
+        assert not eng.incomplete
+        assert eng.sample(["a photo of a red circle"], 2, [1, 2])["policy_version"] == 4
+    finally:
+        sender.join(timeout=30)
+        if sender.is_alive():
+            sender.kill()

@@ -49,9 +49,10 @@ class PromptSource:
         """Round-robin over the groups of ``balance_by`` (GenEval's families with ``tag``): every group is
         drawn equally often, whatever its size; an epoch ends when the largest group is exhausted and the
         smaller ones cycle (each reshuffled when it restarts)."""
+        key_field = str(self.balance_by)
         groups: dict[str, list[int]] = {}
         for i, row in enumerate(self.rows):
-            groups.setdefault(str(row[self.balance_by]), []).append(i)
+            groups.setdefault(str(row[key_field]), []).append(i)
         longest = max(len(g) for g in groups.values())
         seqs = {}
         for key, idx in sorted(groups.items()):

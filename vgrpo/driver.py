@@ -171,6 +171,40 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def learner_shards(
+    batch: dict[str, Any],
+    group_b: np.ndarray,
+    adv_b: np.ndarray,
+    group_size: int,
+    num_ranks: int,
+    policy_version: int,
+) -> list[dict[str, Any]]:
+    """A rollout batch cut into one training shard per learner rank (whole groups each): the final
+    latents, the per-image text features, group ids and advantages, the sampler's sigmas, and the
+    trajectory and log-probs when the sampler recorded them (Flow-GRPO's SDE)."""
+    n_prompts = len(group_b) // group_size
+    embeds = np.repeat(batch["prompt_embeds"], group_size, axis=0)
+    pooled = np.repeat(batch["pooled"], group_size, axis=0)
+    shards = []
+    for lo, hi in split_evenly(n_prompts, num_ranks):
+        sl = slice(lo * group_size, hi * group_size)
+        shards.append(
+            {
+                "latents": batch["latents"][sl],
+                "prompt_embeds": embeds[sl],
+                "pooled": pooled[sl],
+                "group_ids": group_b[sl],
+                "advantages": adv_b[sl],
+                "sigmas": batch["sigmas"],
+                "shift": batch["shift"],
+                "policy_version": policy_version,
+                "trajectory": batch["trajectory"][sl] if batch.get("trajectory") is not None else None,
+                "logp": batch["logp"][sl] if batch.get("logp") is not None else None,
+            }
+        )
+    return shards
+
+
 def image_grid(images_bhwc: np.ndarray, columns: int) -> np.ndarray:
     b, h, w, c = images_bhwc.shape
     rows = math.ceil(b / columns)
@@ -274,6 +308,22 @@ def auto_threads(cfg: RunConfig) -> int:
     return max(1, cores // concurrent)
 
 
+def weight_sync_mode(cfg: RunConfig) -> tuple[str, str]:
+    """(path, backend) of the weight broadcast: ``train.weight_sync`` resolved. auto = the collective when
+    the rollout workers and the learner ranks have GPUs (NCCL), else the object store; collective on CPU
+    uses gloo (how the CPU tests run this path)."""
+    on_gpu = cfg.rollout.gpus_per_worker > 0 and cfg.learner.gpus_per_rank > 0
+    mode = cfg.train.weight_sync
+    if mode == "auto":
+        mode = "collective" if on_gpu else "object_store"
+    return mode, ("nccl" if on_gpu else "gloo")
+
+
+# ``Trainer.published`` value of a version whose weights went by broadcast: learner rank 0 keeps them (its
+# publish history); they enter the object store only if a replacement worker or a fallback asks for them
+KEPT_BY_LEARNER = "kept by learner rank 0"
+
+
 class Roles:
     """The actors of one run: a placement group, R rollout workers, L learner ranks, the reward servers."""
 
@@ -341,6 +391,11 @@ class Roles:
         )
         self.learner_info = infos[0]
         self.get([w.ready.remote() for w in self.workers], "rollout workers (loading the policy)")
+        # the weight broadcast's group: learner rank 0 (rank 0) and the rollout workers (ranks 1..R)
+        self.weight_sync, self.sync_backend = weight_sync_mode(cfg)
+        self.sync_members: list[Any] | None = None  # the workers of the current group (None: none built)
+        if self.weight_sync == "collective":
+            self.build_weight_sync()
         handles = deploy_rewards(cfg.reward, quiet=True)
         self.rewards = RewardClient(handles, cfg.reward)
 
@@ -384,6 +439,71 @@ class Roles:
                 if other == ref:
                     out[j] = value
         return out[0] if single else out
+
+    def build_weight_sync(self) -> bool:
+        """(Re)build the weight-broadcast group on a fresh port: learner rank 0 hosts it, every rollout
+        worker joins; all joins are launched, then awaited together (a collective). A worker busy with a
+        batch joins after it (one method at a time): the others wait for it. A dead worker: a warning, the
+        object store for this step (which replaces it) and a new try at the next step. Any other failure:
+        a warning, and the weights go by the object store for the rest of the run."""
+        self.sync_members = None
+        try:
+            try:  # a dead member would hold learner rank 0 in the rendezvous until the timeout: look first
+                self.get(
+                    [w.ready.remote() for w in self.workers],
+                    "rollout workers (before the weight-sync group)",
+                    names=[
+                        f"rollout worker {i} (before the weight-sync group)" for i in range(len(self.workers))
+                    ],
+                )
+            except ActorLost as e:
+                log.warning(
+                    "rollout worker %d is dead (%s): this step's weights go by the object store (which "
+                    "replaces it); the weight-broadcast group is built at the next step, with its replacement",
+                    e.index,
+                    e.reason,
+                )
+                return False
+            host, port = self.get(self.learners[0].rendezvous_address.remote(), "learner rank 0 (port)")
+            world = 1 + len(self.workers)
+            args = (host, port)
+            refs = [
+                self.learners[0].join_weight_sync.remote(*args, 0, world, self.sync_backend, self.timeout_s)
+            ]
+            refs += [
+                w.join_weight_sync.remote(*args, 1 + i, world, self.sync_backend, self.timeout_s)
+                for i, w in enumerate(self.workers)
+            ]
+            names = ["learner rank 0 (join weight sync)"]
+            names += [f"rollout worker {i} (join weight sync)" for i in range(len(self.workers))]
+            self.get(refs, "weight-sync group", names=names)
+        except TrainingError as e:
+            log.warning(
+                "could not build the weight-broadcast group (%s backend) of learner rank 0 and %d rollout "
+                "workers: %s; the weights go by the object store for the rest of the run",
+                self.sync_backend,
+                len(self.workers),
+                str(e).splitlines()[0],
+            )
+            self.weight_sync = "object_store"  # members that did join keep an unused group: harmless
+            return False
+        self.sync_members = list(self.workers)
+        return True
+
+    def ensure_weight_sync(self) -> bool:
+        """True when the broadcast can be used now: the collective is on and its group holds exactly the
+        current workers; a group that lost a member (a replaced worker, a failed broadcast) is rebuilt
+        first, on a new port."""
+        if self.weight_sync != "collective":
+            return False
+        members = self.sync_members
+        if (
+            members is None
+            or len(members) != len(self.workers)
+            or any(a is not b for a, b in zip(members, self.workers, strict=True))
+        ):
+            return self.build_weight_sync()
+        return True
 
     def replace_worker(self, i: int, version: int, weights: Any) -> None:
         """A new rollout worker i in the dead one's placement-group bundle, holding policy ``version``
@@ -445,7 +565,10 @@ class Trainer:
 
         try:
             self.source = PromptSource.from_spec(
-                cfg.data.train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle
+                cfg.data.train_prompts,
+                seed=cfg.train.seed,
+                shuffle=cfg.data.shuffle,
+                balance_by=cfg.data.balance_by,
             )
             if "ocr" in cfg.reward.weights:  # an OCR prompt without quoted text fails now, not mid-run
                 from vgrpo.reward_servers.ocr import validate_prompts
@@ -467,6 +590,16 @@ class Trainer:
         self.published[version] = weights
         for v in [v for v in self.published if v < version - self.cfg.train.max_staleness - 1]:
             del self.published[v]
+        return weights
+
+    def weights_for(self, roles: Roles, version: int) -> Any:
+        """The published weights of ``version`` for a replacement worker or an object-store update: an
+        ObjectRef, or None (the starting policy). A version that went by broadcast is fetched from learner
+        rank 0's publish history on first use (and then kept as an ObjectRef like the others)."""
+        weights = self.published.get(version)
+        if isinstance(weights, str) and weights == KEPT_BY_LEARNER:
+            weights = roles.learners[0].published_weights.remote(version)
+            self.published[version] = weights
         return weights
 
     # --- rollout workers that die --------------------------------------------------------------------
@@ -501,10 +634,12 @@ class Trainer:
                     e.reason,
                     version,
                 )
-                roles.replace_worker(i, version, self.published.get(version))
+                roles.replace_worker(i, version, self.weights_for(roles, version))
                 refs[i] = calls[i](roles.workers[i])
                 if version < self.version:  # the redone share sampled `version`; now catch up
-                    roles.workers[i].update_weights.remote(self.version, self.published.get(self.version))
+                    roles.workers[i].update_weights.remote(
+                        self.version, self.weights_for(roles, self.version)
+                    )
 
     def resume_hint(self) -> str:
         ckpts = self.run.checkpoint_dirs()
@@ -609,24 +744,7 @@ class Trainer:
         group_b = np.repeat(np.arange(len(pending.prompts)), r.group_size)
         adv_b, adv_stats = roles.objective.advantages(torch.as_tensor(scores.total), torch.as_tensor(group_b))
         t0 = time.perf_counter()
-        embeds = np.repeat(batch["prompt_embeds"], r.group_size, axis=0)
-        pooled = np.repeat(batch["pooled"], r.group_size, axis=0)
-        shards = []
-        for lo, hi in split_evenly(len(pending.prompts), len(roles.learners)):
-            sl = slice(lo * r.group_size, hi * r.group_size)
-            shard = {
-                "latents": batch["latents"][sl],
-                "prompt_embeds": embeds[sl],
-                "pooled": pooled[sl],
-                "group_ids": group_b[sl],
-                "advantages": adv_b.numpy()[sl],
-                "sigmas": batch["sigmas"],
-                "shift": batch["shift"],
-                "policy_version": oldest,
-                "trajectory": batch["trajectory"][sl] if "trajectory" in batch else None,
-                "logp": batch["logp"][sl] if "logp" in batch else None,
-            }
-            shards.append(shard)
+        shards = learner_shards(batch, group_b, adv_b.numpy(), r.group_size, len(roles.learners), oldest)
         results = self.on_learners(
             roles,
             [lrn.train_step.remote(s, step) for lrn, s in zip(roles.learners, shards, strict=True)],
@@ -636,24 +754,12 @@ class Trainer:
         t_learner = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        keep = max(1, cfg.train.max_staleness + 1)
-        states = self.on_learners(
-            roles, [lrn.publish.remote(keep) for lrn in roles.learners], "publish", step
-        )
-        import ray
-
-        weights_ref = self._publish(step, ray.put(states[0]))
-        updates = {
-            i: (lambda w: w.update_weights.remote(step, weights_ref)) for i in range(len(roles.workers))
-        }
-        self.version = step
-        if cfg.train.max_staleness == 0:
-            self.on_workers(roles, updates, f"update_weights to version {step}", step)
-        else:  # not awaited: a worker applies it before its next batch; one that died meanwhile is
-            for fn, w in zip(updates.values(), roles.workers, strict=True):  # replaced when that batch fails
-                fn(w)
+        collective = roles.ensure_weight_sync()  # (re)builds the group first if a worker was replaced
+        if collective:
+            n_bytes = self.broadcast_weights(roles, step)
+        else:
+            n_bytes = self.store_weights(roles, step)
         t_sync = time.perf_counter() - t0
-        n_bytes = sum(int(v.numel()) * v.element_size() for v in states[0].values())
 
         loss = float(np.mean([res["loss"] for res in results]))
         n_images = len(prompts)
@@ -675,6 +781,7 @@ class Trainer:
             "grad_norm": float(results[0]["grad_norm"]),
             "lr": results[0]["lr"],
             "weight_sync_bytes": n_bytes,
+            "weight_sync_collective": int(collective),
             "reward_retries": scores.retries,
             "adv/zero_std_frac": adv_stats["zero_std_frac"],
         }
@@ -687,6 +794,130 @@ class Trainer:
             raise TrainingError(f"step {step}: non-finite loss {loss}")
         self._last_batch = (batch["images"], prompts, scores.total)
         return row
+
+    # --- weight sync -------------------------------------------------------------------------------
+
+    def store_weights(self, roles: Roles, step: int) -> int:
+        """The object-store path: every learner rank publishes (a collective under ZeRO-3), rank 0's state
+        is ray.put once and each worker fetches it. Returns the bytes published."""
+        import ray
+
+        cfg = self.cfg
+        keep = max(1, cfg.train.max_staleness + 1)
+        states = self.on_learners(
+            roles, [lrn.publish.remote(keep, k == 0) for k, lrn in enumerate(roles.learners)], "publish", step
+        )
+        weights_ref = self._publish(step, ray.put(states[0]))
+        updates = {
+            i: (lambda w: w.update_weights.remote(step, weights_ref)) for i in range(len(roles.workers))
+        }
+        self.version = step
+        if cfg.train.max_staleness == 0:
+            self.on_workers(roles, updates, f"update_weights to version {step}", step)
+        else:  # not awaited: a worker applies it before its next batch; one that died meanwhile is
+            for fn, w in zip(updates.values(), roles.workers, strict=True):  # replaced when that batch fails
+                fn(w)
+        return sum(int(v.numel()) * v.element_size() for v in states[0].values())
+
+    def broadcast_weights(self, roles: Roles, step: int) -> int:
+        """The collective path: learner rank 0 publishes and broadcasts (LoRA in one shot, full weights in
+        buckets of train.weight_sync_bucket_mb), ranks > 0 publish without shipping anything back (ZeRO-3
+        gathers need every rank), every worker receives in place; all calls are launched, then awaited
+        together. The weights stay in learner rank 0's history: the object store sees them only when a
+        replacement worker or a fallback needs them. A failure falls back to the object store for this step
+        (:meth:`sync_fallback`). Returns the bytes broadcast.
+
+        With train.max_staleness >= 1 a worker may still be sampling the next step's batch (launched before
+        this update): its receive_weights runs after that batch (an actor runs one method at a time), and
+        learner rank 0 waits in the broadcast until then (within the group's timeout, train.timeout_s).
+        That is a wait, not a deadlock: the batch needs nothing the learner holds. The batch keeps the
+        version it started with (receive_weights takes the sampling lock), so the staleness guard holds."""
+        cfg = self.cfg
+        keep = max(1, cfg.train.max_staleness + 1)
+        bucket_mb = None if cfg.model.lora is not None else cfg.train.weight_sync_bucket_mb
+        learner_refs = [roles.learners[0].broadcast_weights.remote(keep, bucket_mb)]
+        learner_refs += [lrn.publish.remote(keep, False) for lrn in roles.learners[1:]]
+        worker_refs = [w.receive_weights.remote() for w in roles.workers]
+        self._publish(step, KEPT_BY_LEARNER)
+        self.version = step
+        names = [f"learner rank 0 (broadcast of version {step})"]
+        names += [f"learner rank {k} (publish)" for k in range(1, len(roles.learners))]
+        names += [f"rollout worker {i} (receive version {step})" for i in range(len(roles.workers))]
+        try:
+            got = roles.get(learner_refs + worker_refs, "weight broadcast", names=names)
+        except TrainingError as e:
+            return self.sync_fallback(roles, step, learner_refs, worker_refs, e)
+        return int(got[0]["bytes"])
+
+    def sync_fallback(
+        self, roles: Roles, step: int, learner_refs: list[Any], worker_refs: list[Any], error: TrainingError
+    ) -> int:
+        """A broadcast that failed (a worker died, a timeout, an error): wait for every call of it to end,
+        then send version ``step`` by the object store to each worker that did not receive it (a dead or
+        hung one is replaced, loaded with it), and rebuild the group, new port, with the replacements. A
+        learner rank that died or hung stops the run, as in any learner call."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        ray.wait(
+            learner_refs + worker_refs,
+            num_returns=len(learner_refs + worker_refs),
+            timeout=roles.timeout_s + 30,
+        )
+
+        def outcome(ref: Any) -> tuple[str, Any]:
+            try:
+                return "ok", ray.get(ref, timeout=0.1)
+            except GetTimeoutError:
+                return "hung", None
+            except RayActorError as e:
+                return "dead", death_reason(e)
+            except Exception as e:  # the call raised (a peer's socket closed, the group's timeout)
+                return "failed", str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+
+        learners = [outcome(ref) for ref in learner_refs]
+        for k, (state, why) in enumerate(learners):
+            if state == "dead" or state == "hung" or (state == "failed" and k > 0):
+                raise TrainingError(
+                    f"learner rank {k} {'died' if state == 'dead' else state} during the weight broadcast of "
+                    f"step {step} ({why or 'no answer within train.timeout_s'}); the run stops. "
+                    + self.resume_hint()
+                ) from None
+        workers = [outcome(ref) for ref in worker_refs]
+        redo = {i: o for i, o in enumerate(workers) if not (o[0] == "ok" and o[1]["version"] == step)}
+        log.warning(
+            "the weight broadcast of version %d failed (%s); sending it by the object store to rollout "
+            "worker(s) %s (%s) and rebuilding the weight-sync group",
+            step,
+            str(error).splitlines()[0],
+            sorted(redo),
+            "; ".join(
+                f"worker {i}: {o[0]}{' ' + str(o[1]) if o[0] != 'ok' and o[1] else ''}"
+                for i, o in redo.items()
+            ),
+        )
+        weights = self.weights_for(roles, step)
+        # a dead worker with a batch still pending (max_staleness >= 1) is replaced when collect finds that
+        # batch lost (and then caught up to this version); replacing it here would only be undone there
+        deferred = [
+            i
+            for i, (state, _) in redo.items()
+            if state == "dead" and any(i < len(p.refs) and p.refs[i] is not None for p in self.pending)
+        ]
+        alive = {}
+        for i, (state, _) in redo.items():
+            if i in deferred:
+                continue
+            if state in ("dead", "hung"):
+                roles.replace_worker(i, step, weights)
+            else:
+                alive[i] = lambda w: w.update_weights.remote(step, weights)
+        if alive:
+            self.on_workers(roles, alive, f"update_weights to version {step} (broadcast fallback)", step)
+        roles.sync_members = None  # rebuilt before the next broadcast; now, unless a member is still dead
+        if not deferred:
+            roles.ensure_weight_sync()
+        return int(learners[0][1]["bytes"]) if learners[0][0] == "ok" else 0
 
     # --- outputs -----------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ The object-store path (``ray.put`` of the state dict) stays the fallback; this m
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -114,12 +115,17 @@ class WeightSyncGroup:
         bucket_mb: float | None = 256.0,
         out: Mapping[str, torch.Tensor] | None = None,
         src: int = 0,
+        exact: bool = False,
     ) -> tuple[int, dict[str, torch.Tensor]]:
         """Rank ``src`` sends ``state`` (policy ``version``); the others receive it. ``bucket_mb``: bucket
         size for full weights, None for one shot (LoRA). A receiver may pass ``out`` (e.g. its model's
         parameters by name) to have the values copied into those tensors in place. Returns (version,
         state dict) on every rank: on receivers new tensors on this group's device unless ``out`` holds
-        the name; on the sender ``state`` itself."""
+        the name; on the sender ``state`` itself.
+
+        ``exact`` (receivers with ``out``): the manifest must name exactly the tensors of ``out`` with
+        their shapes; if it does not, the receiver still takes part in every collective (so the others do
+        not hang) but writes nothing into ``out``, and raises ValueError once the broadcast is over."""
         if self.rank == src:
             if state is None:
                 raise ValueError("the sending rank must pass the state dict")
@@ -133,6 +139,11 @@ class WeightSyncGroup:
             manifest = None
         manifest = self._bcast_manifest(manifest, src)
         entries = [Entry(**(e | {"shape": tuple(e["shape"])})) for e in manifest["entries"]]
+        mismatch = None
+        if exact and out is not None and self.rank != src:
+            mismatch = _mismatch(entries, out)
+            if mismatch is not None:
+                out = None  # receive into scratch tensors: the receiver's model stays as it was
         received: dict[str, torch.Tensor] = {}
         for b, size in enumerate(manifest["sizes"]):
             in_bucket = [e for e in entries if e.bucket == b]
@@ -163,7 +174,40 @@ class WeightSyncGroup:
         if self.rank == src:
             assert state is not None
             return int(manifest["version"]), dict(state)
+        if mismatch is not None:
+            raise ValueError(f"weight broadcast of version {manifest['version']}: {mismatch}")
         return int(manifest["version"]), received
+
+    def close(self) -> None:
+        """Drop this rank's handle on the group (a rebuilt group replaces it); rank 0 frees its store."""
+        self.backend = None
+        self._store = None
+
+    def abort(self) -> None:
+        """Leave a broadcast that failed on this rank: abort the backend (NCCL communicators, gloo pairs)
+        and drop it. Its peers still waiting in that broadcast then fail at once (measured on gloo: a
+        receiver errors in ~0.01 s instead of waiting the group's timeout) rather than hanging."""
+        backend = self.backend
+        self.close()
+        if backend is not None and hasattr(backend, "abort"):
+            # already broken: dropping it (and its sockets) is what is left to do
+            with contextlib.suppress(Exception):
+                backend.abort()
+
+
+def _mismatch(entries: list[Entry], out: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a manifest does not fit the receiving tensors (names, shapes), or None when it does."""
+    names = {e.name for e in entries}
+    missing, extra = sorted(set(out) - names), sorted(names - set(out))
+    if missing or extra:
+        return (
+            f"does not match the model: {len(missing)} missing (e.g. {missing[:2]}), {len(extra)} "
+            f"unexpected (e.g. {extra[:2]}); do the learner and the rollout workers load one model?"
+        )
+    for e in entries:
+        if tuple(out[e.name].shape) != e.shape:
+            return f"weight {e.name}: received shape {e.shape}, the model has {tuple(out[e.name].shape)}"
+    return None
 
 
 def init_weight_sync_group(
