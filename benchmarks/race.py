@@ -9,7 +9,7 @@ the same batch (rollout.prompts_per_step x group_size), sampler steps, learner r
 each objective keeps its paper's own hyper-parameters (the `algorithm.<name>` defaults of the config,
 ALGORITHMS.md §4-6: V-GRPO N_MC 4 + soft clip 3; DGPO beta_dpo 100, KL 0.02, 4 high-noise grid times;
 Flow-GRPO SDE a=0.7, clip 1e-4, KL 0.04; NFT beta 1, KL 1e-4), scaled down only through the shared
-rollout (10 sampler steps, no CFG, P x G of the embedded default). A run stops at --max-steps or at
+rollout (10 sampler steps, CFG w = 5, P x G of the embedded default; V-GRPO with its reference KL 0.5). A run stops at --max-steps or at
 --time-limit seconds (SIGINT: the driver checkpoints and exits 130), whichever comes first.
 
 From each run's metrics.jsonl (`eval/overall`, `eval/<family>` every `train.eval_every` steps;
@@ -25,7 +25,8 @@ From each run's metrics.jsonl (`eval/overall`, `eval/<family>` every `train.eval
 Prints tables, writes JSON (--out) and a PNG of held-out score vs training seconds beside it. Resumable:
 a run whose result.json exists in --runs-dir is not run again (delete it to rerun). --smoke: 2 steps per
 objective, 1 seed, a small evaluation, into benchmarks/results/race_smoke.json (checks the machinery).
---ablation adds V-GRPO variants (N_MC, clip + KL, soft clip, learning rate) as extra entries.
+--ablation adds V-GRPO variants (N_MC, clip + KL, soft clip, reference KL, reward mode, learning rate)
+as extra entries; --only LABEL[,LABEL] runs just those entries.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ ABLATION: dict[str, list[str]] = {
     "vgrpo[n_mc=8]": ["algorithm.vgrpo.n_mc=8"],
     "vgrpo[kl=0.3,inner=2]": ["algorithm.vgrpo.kl_beta=0.3", "algorithm.vgrpo.inner_steps=2"],
     "vgrpo[no_soft_clip]": ["algorithm.vgrpo.advantage.soft_clip=null", "algorithm.vgrpo.advantage.clip=5.0"],
-    "vgrpo[lr=1e-3]": ["learner.lr=0.001"],
-    "vgrpo[lr=1e-4]": ["learner.lr=0.0001"],
+    "vgrpo[ref_kl=0]": ["algorithm.vgrpo.ref_kl_beta=0"],
+    "vgrpo[reward=mixed]": ["reward.servers.shapes.options.mode=mixed"],
+    "vgrpo[lr=3e-3]": ["learner.lr=0.003"],
+    "vgrpo[lr=3e-4]": ["learner.lr=0.0003"],
 }
 
 
@@ -237,6 +240,10 @@ def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def gain(final: float | None, start: float | None) -> float | None:
+    return final - start if final is not None and start is not None else None
+
+
 def hacking_signs(run: dict[str, Any]) -> dict[str, Any]:
     """Training reward rising while the held-out score does not (ALGORITHMS.md §9.5)."""
     rew = run["reward_mean"]
@@ -250,7 +257,25 @@ def hacking_signs(run: dict[str, Any]) -> dict[str, Any]:
     return {"d_train_reward": d_train, "d_heldout": d_held, "flag": bool(flagged)}
 
 
-def analyse(runs: list[dict[str, Any]], target_frac: float) -> dict[str, Any]:
+def start_score(seed: int, args: argparse.Namespace, runs_dir: Path) -> float:
+    """Held-out score of the starting policy with the race's evaluation settings and the seed's images
+    (the runs evaluate every train.eval_every steps, never step 0): `vgrpo eval` once per seed, stored."""
+    out = runs_dir / f"start_s{seed}.json"
+    if not out.is_file():
+        model = next(
+            (v.split("=", 1)[1] for v in args.sets if v.startswith("model.path=")), "builtin:tiny-sd3"
+        )
+        cmd = [sys.executable, "-m", "vgrpo.cli", "eval", "--model", model, "--seed", str(seed)]
+        cmd += ["--images-per-prompt", str(args.eval_images), "--out", str(out)]
+        if args.eval_prompts:
+            cmd += ["--max-prompts", str(args.eval_prompts)]
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        print(f"[race] starting policy, seed {seed}: {' '.join(cmd[3:])}", flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return float(json.loads(out.read_text())["overall"])
+
+
+def analyse(runs: list[dict[str, Any]], target_frac: float, start: float | None = None) -> dict[str, Any]:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by.setdefault(r["label"], []).append(r)
@@ -258,6 +283,8 @@ def analyse(runs: list[dict[str, Any]], target_frac: float) -> dict[str, Any]:
     scored = [v for v in finals.values() if v is not None]
     best = max(scored) if scored else None
     target = target_frac * best if best is not None else None
+    # a target no higher than where every run started is reached by standing still: say so
+    degenerate = target is not None and start is not None and target <= start
     table: dict[str, Any] = {}
     for lab, rr in by.items():
         per_seed = []
@@ -294,6 +321,7 @@ def analyse(runs: list[dict[str, Any]], target_frac: float) -> dict[str, Any]:
             else None,
             "d_train_reward": mean([s["hacking"]["d_train_reward"] for s in per_seed]),
             "d_heldout": mean([s["hacking"]["d_heldout"] for s in per_seed]),
+            "gain_over_start": gain(finals[lab], start),
             "runs": per_seed,
         }
     ref = table.get("vgrpo", {})
@@ -301,7 +329,14 @@ def analyse(runs: list[dict[str, Any]], target_frac: float) -> dict[str, Any]:
         for key in ("seconds_to_target", "steps_to_target"):
             a, b = ref.get(key), row.get(key)
             row[f"vgrpo_speedup_{key.split('_')[0]}"] = (b / a) if a and b else None
-    return {"target_frac": target_frac, "best_final": best, "target": target, "objectives": table}
+    return {
+        "target_frac": target_frac,
+        "best_final": best,
+        "target": target,
+        "start": start,
+        "target_not_above_start": degenerate,
+        "objectives": table,
+    }
 
 
 def fmt(x: Any, spec: str = ".3f") -> str:
@@ -312,11 +347,16 @@ def print_tables(summary: dict[str, Any]) -> None:
     print()
     print(
         f"target: {fmt(summary['target'])} held-out overall = {summary['target_frac']:.0%} of the best final "
-        f"score {fmt(summary['best_final'])}"
+        f"score {fmt(summary['best_final'])}; the starting policy scores {fmt(summary.get('start'))}"
     )
+    if summary.get("target_not_above_start"):
+        print(
+            "NOTE: the target is not above the starting policy's score: no objective gained, so 'reached' and "
+            "the times to target say nothing about speed (compare the gains and the curves)"
+        )
     head = (
         f"{'objective':<24} {'seeds':>5} {'final':>13} {'reached':>7} {'steps→T':>8} {'s→T':>8} "
-        f"{'s/step':>7} {'×vgrpo(s)':>9} {'Δtrain':>7} {'Δheld':>7} {'hack?':>5}"
+        f"{'s/step':>7} {'×vgrpo(s)':>9} {'Δtrain':>7} {'Δheld':>7} {'gain':>7} {'hack?':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -327,6 +367,7 @@ def print_tables(summary: dict[str, Any]) -> None:
             f"{fmt(r['steps_to_target'], '.1f'):>8} {fmt(r['seconds_to_target'], '.0f'):>8} "
             f"{fmt(r['seconds_per_step'], '.2f'):>7} {fmt(r['vgrpo_speedup_seconds'], '.2f'):>9} "
             f"{fmt(r['d_train_reward'], '+.3f'):>7} {fmt(r['d_heldout'], '+.3f'):>7} "
+            f"{fmt(r.get('gain_over_start'), '+.3f'):>7} "
             f"{('-' if r['hacking_flags'] is None else 'yes' if r['hacking_flags'] else 'no'):>5}"
         )
     fams = sorted({f for r in summary["objectives"].values() for f in r["families"]})
@@ -337,7 +378,8 @@ def print_tables(summary: dict[str, Any]) -> None:
             print(f"{lab:<24} " + " ".join(f"{fmt(r['families'].get(f)):>12}" for f in fams))
     print(
         "\n×vgrpo(s): seconds to target of the row / V-GRPO's (> 1: V-GRPO is faster). Δtrain: training reward, "
-        "last third - first third of the steps; Δheld: held-out score, last - first evaluation; hack?: Δtrain "
+        "last third - first third of the steps; Δheld: held-out score, last - first evaluation; gain: final - the "
+        "starting policy's score; hack?: Δtrain "
         "> 0.05 while Δheld < Δtrain / 4 (-: fewer than 3 evaluations or 6 steps to judge)."
     )
 
@@ -384,6 +426,7 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=2, help="images per held-out prompt")
     ap.add_argument("--target-frac", type=float, default=0.9)
     ap.add_argument("--ablation", action="store_true", help="also run the V-GRPO variants")
+    ap.add_argument("--only", default="", help="comma-separated entry labels: run (or report) just these")
     ap.add_argument(
         "--set",
         dest="sets",
@@ -409,8 +452,16 @@ def main() -> None:
     entries = [(o, [f"algorithm.name={o}"]) for o in args.objectives.split(",") if o]
     if args.ablation:
         entries += [(lab, ["algorithm.name=vgrpo", *s]) for lab, s in ABLATION.items()]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {lab for lab, _ in entries}
+        if unknown:
+            raise SystemExit(f"--only: no entry {sorted(unknown)}; entries: {[lab for lab, _ in entries]}")
+        entries = [(lab, s) for lab, s in entries if lab in wanted]
     runs = []
+    args.starts = {}  # seed -> the starting policy's held-out score
     for seed in range(args.seeds):  # seeds outermost: a stopped race has every objective at seed 0 first
+        args.starts[seed] = start_score(seed, args, runs_dir)
         for label, sets in entries:
             if args.report_only:
                 f = runs_dir / f"{label}_s{seed}" / "result.json"
@@ -427,7 +478,8 @@ def main() -> None:
 
 
 def write(out: Path, args: argparse.Namespace, runs: list[dict[str, Any]], entries: list) -> dict[str, Any]:
-    summary = analyse(runs, args.target_frac)
+    starts = [v for k, v in getattr(args, "starts", {}).items() if any(r["seed"] == k for r in runs)]
+    summary = analyse(runs, args.target_frac, mean(starts) if starts else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "settings": {

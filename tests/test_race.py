@@ -67,3 +67,14 @@ def test_reward_hacking_is_flagged_when_heldout_stalls(race):
     assert race.hacking_signs(honest)["flag"] is False
     short = race.curves("z", 0, [], run("z", 0, {1: 0.5, 2: 0.5}, [0.2, 0.8]), {}, 0, 2, False)
     assert race.hacking_signs(short)["flag"] is None  # two steps cannot tell a trend from noise
+
+
+def test_a_target_no_higher_than_the_start_is_called_out_and_gains_are_reported(race):
+    flat = race.curves("vgrpo", 0, [], run("vgrpo", 0, {2: 0.27, 4: 0.28}, [0.3] * 4), {}, 0, 10, False)
+    worse = race.curves("nft", 0, [], run("nft", 0, {2: 0.25, 4: 0.24}, [0.3] * 4), {}, 0, 10, False)
+    s = race.analyse([flat, worse], 0.9, start=0.287)
+    assert s["target"] == pytest.approx(0.252) and s["target_not_above_start"] is True
+    assert s["objectives"]["vgrpo"]["gain_over_start"] == pytest.approx(0.28 - 0.287)
+    assert s["objectives"]["nft"]["gain_over_start"] == pytest.approx(0.24 - 0.287)
+    learned = race.curves("vgrpo", 0, [], run("vgrpo", 0, {2: 0.35, 4: 0.5}, [0.3] * 4), {}, 0, 10, False)
+    assert race.analyse([learned], 0.9, start=0.287)["target_not_above_start"] is False

@@ -583,6 +583,7 @@ class Trainer:
         # published weights by version (ObjectRefs; None = the starting policy every new worker holds): what
         # a replacement rollout worker is loaded with
         self.published: dict[int, Any] = {0: None}
+        self._ema_cache: tuple[int, Any] | None = None  # (version, EMA weights) last fetched
 
     def _publish(self, version: int, weights: Any) -> Any:
         """Keep ``weights`` (an ObjectRef) as version ``version``; drop versions no pending rollout can
@@ -937,6 +938,14 @@ class Trainer:
         if self.tb is not None:
             self.tb.add_image("samples", image_grid(images, columns=g), step, dataformats="HWC")
 
+    def ema_weights(self, roles: Roles, version: int) -> Any:
+        """The EMA of the policy after update ``version`` (train.ema), fetched from learner rank 0 once per
+        version: a step that both evaluates and checkpoints uses one copy."""
+        if self._ema_cache is None or self._ema_cache[0] != version:
+            ema = self.on_learners(roles, [roles.learners[0].get_ema.remote()], "get_ema", version)[0]
+            self._ema_cache = (version, ema)
+        return self._ema_cache[1]
+
     def evaluate(self, roles: Roles) -> dict[str, float]:
         from vgrpo.evaluate import load_prompt_rows
 
@@ -945,7 +954,7 @@ class Trainer:
         # with train.ema the held-out score is the EMA policy's (as Flow-GRPO and DiffusionNFT evaluate)
         ema = None
         if self.cfg.train.ema is not None:
-            ema = self.on_learners(roles, [roles.learners[0].get_ema.remote()], "get_ema", self.version)[0]
+            ema = self.ema_weights(roles, self.version)
         res = self.on_workers(
             roles,
             {
@@ -989,7 +998,7 @@ class Trainer:
         )
         save_policy_weights(states[0], tmp / "policy.safetensors", step, lora)
         if self.cfg.train.ema is not None:  # what `vgrpo eval` and `vgrpo export` use for this step
-            ema = self.on_learners(roles, [roles.learners[0].get_ema.remote()], "get_ema", step)[0]
+            ema = self.ema_weights(roles, step)
             save_policy_weights(ema, tmp / "ema.safetensors", step, lora)
         state = {
             "step": step,
