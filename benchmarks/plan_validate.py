@@ -16,10 +16,13 @@ phase runs at a time, so 2 actors of a role use both cores. Prints a table with 
 predicted and measured orders (for both predictions: at the probed capacity and with dedicated cores),
 and how many of the pairs the model separates by > 10% the measurement orders alike; writes JSON.
 
-On the project's shared 2-core machine (load average 8-12 from other jobs) one pass takes ~5 min and the
-measured images/s of one split moved ~3x within minutes, more than the model's differences between
-splits (<= 1.8x): the ranking did not hold there (benchmarks/results/plan_validate.json). Run it on a
-quiet machine, with --repeats 3 (alternating order) where the load drifts.
+On the project's shared 2-core machine under load (load average 8-12 from other jobs) the measured
+images/s of one split moved ~3x within minutes, more than the model's differences between splits
+(<= 1.8x), and the ranking did not hold. On the same machine quiet (2026-11-26, --repeats 3, ~4 min,
+benchmarks/results/plan_validate.json) it holds: predicted 14.6 / 23.6 / 21.1 / 17.6 images/s for
+1/1/0, 1/1/1, 2/1/0, 1/2/0, measured 14.4 / 23.3 / 18.8 / 16.6 (measured/predicted 0.89-0.99), Kendall
+tau +1.00, all 6 pairs the model separates by > 10% measured in the same order. Use --repeats 3
+(alternating order) where the load drifts.
 """
 
 from __future__ import annotations

@@ -386,14 +386,16 @@ def print_tables(summary: dict[str, Any]) -> None:
 
 def plot(runs: list[dict[str, Any]], summary: dict[str, Any], png: Path) -> None:
     labels = list(dict.fromkeys(r["label"] for r in runs))
+    start = summary.get("start")  # every curve starts at the starting policy's score, at 0 s
+    x0, y0 = ([0.0], [start]) if start is not None else ([], [])
     held, train = [], []
     for lab in labels:
         for r in (r for r in runs if r["label"] == lab):
             held.append(
                 Series(
                     f"{lab} s{r['seed']}",
-                    [e["train_s"] for e in r["evals"]],
-                    [e["overall"] for e in r["evals"]],
+                    x0 + [e["train_s"] for e in r["evals"]],
+                    y0 + [e["overall"] for e in r["evals"]],
                 )
             )
             train.append(Series(f"{lab} s{r['seed']}", r["train_s"], r["reward_mean"], dashed=True))
