@@ -16,15 +16,15 @@ import torch
 
 from vgrpo import metrics
 from vgrpo.learner.engine import LearnerEngine
+from vgrpo.weight_sync import WeightSyncMember
 
 
-class LearnerShell(LearnerEngine):
+class LearnerShell(LearnerEngine, WeightSyncMember):
     def __init__(self, *args, threads: int | None = None, **kwargs):
         torch.set_num_threads(threads or os.cpu_count() or 1)
         super().__init__(*args, **kwargs)
         self.worker = metrics.worker_id("learner", self.rank)
         metrics.actor_started("learner", self.worker, error_kinds=("train_step", "publish"))
-        self.weight_sync: Any = None  # rank 0 only: the weight-broadcast group with the rollout workers
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port for the DeepSpeed group's rendezvous (asked of rank 0)."""
@@ -69,26 +69,6 @@ class LearnerShell(LearnerEngine):
                 f"learner rank {self.rank}: version {version} is no longer kept (kept: {sorted(self.history)})"
             )
         return self.history[version]
-
-    def join_weight_sync(
-        self,
-        host: str,
-        port: int,
-        rank: int,
-        world_size: int,
-        backend: str = "gloo",
-        timeout_s: float = 600.0,
-    ) -> dict[str, Any]:
-        """Host (rank 0) the weight-broadcast group with the rollout workers at host:port (a port from
-        :meth:`rendezvous_address`); a rebuilt group replaces the old one. A collective with the workers'
-        join_weight_sync."""
-        from vgrpo.weight_sync import init_weight_sync_group
-
-        if self.weight_sync is not None:
-            self.weight_sync.close()
-            self.weight_sync = None
-        self.weight_sync = init_weight_sync_group(host, port, rank, world_size, backend, timeout_s)
-        return {"rank": rank, "device": str(self.weight_sync.device)}
 
     def broadcast_weights(self, keep_history: int, bucket_mb: float | None) -> dict[str, Any]:
         """Publish the current version (as :meth:`publish`: every learner rank calls publish or this at

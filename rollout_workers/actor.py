@@ -15,16 +15,16 @@ import torch
 
 from vgrpo import metrics
 from vgrpo.rollout_workers.engine import RolloutEngine
+from vgrpo.weight_sync import WeightSyncMember
 
 
-class RolloutWorkerShell(RolloutEngine):
+class RolloutWorkerShell(RolloutEngine, WeightSyncMember):
     def __init__(self, *args, threads: int | None = None, **kwargs):
         torch.set_num_threads(threads or os.cpu_count() or 1)
         super().__init__(*args, **kwargs)
         self.worker = metrics.worker_id("rollout")
         metrics.actor_started("rollout", self.worker, error_kinds=("sample", "update_weights"))
         metrics.record("vgrpo_policy_version", self.version, "rollout", self.worker)
-        self.weight_sync: Any = None  # this worker's rank in the weight-broadcast group (join_weight_sync)
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "version": self.version}
@@ -48,25 +48,6 @@ class RolloutWorkerShell(RolloutEngine):
         n_bytes = sum(int(v.numel()) * v.element_size() for v in state.values())
         metrics.weights_synced("rollout", self.worker, time.perf_counter() - t0, n_bytes, got)
         return got
-
-    def join_weight_sync(
-        self,
-        host: str,
-        port: int,
-        rank: int,
-        world_size: int,
-        backend: str = "gloo",
-        timeout_s: float = 600.0,
-    ) -> dict[str, Any]:
-        """Join (or re-join: a rebuilt group replaces the old one) the weight-broadcast group hosted by
-        learner rank 0 at host:port as ``rank`` (1..R). A collective: every member calls it at once."""
-        from vgrpo.weight_sync import init_weight_sync_group
-
-        if self.weight_sync is not None:
-            self.weight_sync.close()
-            self.weight_sync = None
-        self.weight_sync = init_weight_sync_group(host, port, rank, world_size, backend, timeout_s)
-        return {"rank": rank, "device": str(self.weight_sync.device)}
 
     def receive_weights(self) -> dict[str, Any]:
         """Receive learner rank 0's broadcast of a new version into this worker's policy (see

@@ -240,3 +240,26 @@ def init_weight_sync_group(
     group = WeightSyncGroup(pg, rank, world_size, device, timeout_s)
     group._store = store
     return group
+
+
+class WeightSyncMember:
+    """What the learner rank 0 and rollout worker actors share: membership of the weight-broadcast group
+    (``self.weight_sync``), joined — or re-joined, a rebuilt group replacing the old one — by
+    :meth:`join_weight_sync`, a collective every member calls at once (rank 0 hosts it at host:port)."""
+
+    weight_sync: WeightSyncGroup | None = None
+
+    def join_weight_sync(
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+    ) -> dict[str, Any]:
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+            self.weight_sync = None
+        self.weight_sync = init_weight_sync_group(host, port, rank, world_size, backend, timeout_s)
+        return {"rank": rank, "device": str(self.weight_sync.device)}
