@@ -90,12 +90,17 @@ def main(argv: list[str] | None = None) -> dict:
         batch = rollout.sample(
             [p.prompt for p in items], r.group_size, derive_seeds(seed, step, len(prompts))
         )
+        images = list(batch["images"])
+        metadata = [p.metadata for p in items for _ in range(r.group_size)]
         total = np.zeros(len(prompts))
         for name, w in cfg.reward.weights.items():
-            scored = rewards[name].score(
-                list(batch["images"]), prompts, [p.metadata for p in items for _ in range(r.group_size)]
-            )
-            total += w * np.array([s.value for s in scored], dtype=np.float64)
+            scored = rewards[name].score(images, prompts, metadata)
+            values = [s.value if s.error is None else None for s in scored]
+            bad = next((i for i, v in enumerate(values) if v is None or not np.isfinite(v)), None)
+            if bad is not None:  # as the driver's RewardClient: a failed image stops the run, named
+                why = scored[bad].error or f"value {values[bad]}"
+                raise SystemExit(f"reward {name!r} failed on image {bad} (prompt {prompts[bad]!r}): {why}")
+            total += w * np.array(values, dtype=np.float64)
         group_b = np.repeat(np.arange(len(items)), r.group_size)
         adv, stats = learner.objective.advantages(torch.as_tensor(total), torch.as_tensor(group_b))
         (shard,) = learner_shards(batch, group_b, adv.numpy(), r.group_size, 1, rollout.version)
