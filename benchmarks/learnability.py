@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (rollout engine and learner alike)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "learnability.json")
     args = ap.parse_args(argv)
 
@@ -56,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(None, args.sets)
     r, d, seed = cfg.rollout, cfg.data, cfg.train.seed
     noise = cfg.algorithm.flow_grpo.noise_level
-    rollout = RolloutEngine(cfg.model, r, cfg.sampler(), noise_level=noise, seed=seed)
+    rollout = RolloutEngine(cfg.model, r, cfg.sampler(), noise_level=noise, seed=seed, device=args.device)
     learner = LearnerEngine(
-        cfg.model, cfg.learner, cfg.algorithm, r, 0, 1, args.steps, seed=seed, device="cpu"
+        cfg.model, cfg.learner, cfg.algorithm, r, 0, 1, args.steps, seed=seed, device=args.device
     )
     learner.init_distributed("127.0.0.1", free_port())
     rewards = {name: get_reward(name, cfg.reward.server(name).options) for name in cfg.reward.weights}
@@ -80,6 +81,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     history: list[dict] = []
     t_start = time.perf_counter()
+
+    def record(last: int) -> dict:  # written after every evaluation: a cut-off run keeps what it measured
+        result = {
+            "settings": {
+                "steps": args.steps,
+                "sets": args.sets,
+                "threads": args.threads,
+                "device": args.device,
+                "algorithm": cfg.algorithm.name,
+            },
+            "evals": {str(k): v for k, v in evals.items()},
+            "gain": evals[last]["overall"] - evals[0]["overall"],
+            "train_seconds": train_s,
+            "wall_seconds": time.perf_counter() - t_start,
+            "history": history,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        return result
+
     evals = {0: evaluate()}
     print(f"step 0: held-out {evals[0]['overall']:.3f}", flush=True)
     train_s = 0.0
@@ -112,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         if step % args.eval_every == 0 or step == args.steps:
             evals[step] = evaluate()
+            record(step)
             window = [h["reward"] for h in history[-args.eval_every :]]
             print(
                 f"step {step}: held-out {evals[step]['overall']:.3f}  train reward (last {len(window)}) "
@@ -124,21 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     for step, e in evals.items():
         fam = " ".join(f"{e['families'].get(f, float('nan')):12.3f}" for f in FAMILIES)
         print(f"{step:5d} {fam} {e['overall']:8.3f}")
-    result = {
-        "settings": {
-            "steps": args.steps,
-            "sets": args.sets,
-            "threads": args.threads,
-            "algorithm": cfg.algorithm.name,
-        },
-        "evals": {str(k): v for k, v in evals.items()},
-        "gain": evals[args.steps]["overall"] - evals[0]["overall"],
-        "train_seconds": train_s,
-        "wall_seconds": time.perf_counter() - t_start,
-        "history": history,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    result = record(args.steps)
     print(
         f"\nheld-out gain {result['gain']:+.3f} in {args.steps} steps ({train_s:.0f} s training); wrote {args.out}"
     )

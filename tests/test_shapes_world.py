@@ -12,10 +12,12 @@ from PIL import Image, ImageFilter
 from vgrpo.reward_servers.registry import UnknownRewardError, available_rewards, get_reward
 from vgrpo.shapes.detector import detect
 from vgrpo.shapes.prompts import (
+    NEAR_MISSES,
     PromptError,
     build_splits,
     load_split,
     make_prompt,
+    near_miss_prompt,
     parse_prompt,
     scene_for_prompt,
     violate_prompt,
@@ -57,6 +59,53 @@ def test_true_prompts_pass_and_single_violations_fail(family: str) -> None:
     }
     if family in expected:
         assert expected[family] in kinds
+
+
+@pytest.mark.parametrize("layout", ["random", "slots"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_near_misses_fail_their_caption_by_one_clause_of_each_kind(family: str, layout: str) -> None:
+    """Pretraining's caption noise (tiny_sd3.make_pairs): a scene drawn for a near miss of a caption is
+    judged a failure of that caption, and every kind of near miss of the family occurs."""
+    rng = np.random.default_rng(10 + FAMILIES.index(family))
+    kinds = set()
+    for _ in range(16):
+        prompt = make_prompt(family, rng)
+        miss, kind = near_miss_prompt(prompt, rng)
+        kinds.add(kind)
+        scene = scene_for_prompt(miss, rng, max_distractors=0, layout=layout)
+        v = evaluate(prompt, detect(render_scene(scene)))
+        assert v.score == 0.0 and v.reward < 1.0, (prompt, miss, kind, v.to_dict())
+        assert parse_prompt(miss).family in (family, "single_object")
+    assert kinds == set(NEAR_MISSES[family])
+
+
+@pytest.mark.parametrize("layout", ["slots", "slots_compact"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slot_layouts_pass_their_prompt_within_the_spec(family: str, layout: str) -> None:
+    """Pretraining's slot layouts (render.place_in_slots): every scene passes its prompt exactly, boxes
+    within the spec's 12-28 px (20-28 for "slots"), >= 1 px from the border, shapes >= 2 px apart (pixel
+    distance, as the spec measures)."""
+    from scipy import ndimage
+
+    from vgrpo.shapes.render import coverage
+
+    rng = np.random.default_rng(20 + FAMILIES.index(family))
+    for _ in range(25):
+        prompt = make_prompt(family, rng)
+        scene = scene_for_prompt(prompt, rng, layout=layout)
+        assert evaluate(prompt, detect(render_scene(scene))).score == 1.0, prompt
+        masks = []
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.bbox
+            assert (20 if layout == "slots" else 12) <= o.size <= 28 and min(x0, y0) >= 1 and max(x1, y1) <= 63, (prompt, o)
+            m = np.zeros((64, 64), bool)
+            m[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = (
+                coverage(o, int(x0), int(y0), int(np.ceil(x1)) - int(x0), int(np.ceil(y1)) - int(y0)) > 0
+            )
+            masks.append(m)
+        for i, a in enumerate(masks):
+            for b in masks[i + 1 :]:
+                assert ndimage.distance_transform_edt(~a)[b].min() >= 2, prompt
 
 
 def test_partial_credit_is_the_fraction_of_clauses() -> None:

@@ -137,3 +137,42 @@ def test_eval_cli_writes_overall_and_families(tmp_path):
     assert data["families"] and all(0.0 <= v <= 1.0 for v in data["families"].values())
     assert data["num_images"] == 6 and len(data["prompts"]) == 3
     assert data["overall"] == pytest.approx(np.mean(list(data["families"].values())))
+
+
+def test_pretraining_pairs_follow_the_caption_noise():
+    """make_pairs draws a near miss of a caption with probability caption_noise[family]: 0 keeps every pair
+    true to its caption, 1 makes every one fail it (the noise that leaves the base model RL headroom)."""
+    from vgrpo.shapes.detector import detect
+    from vgrpo.shapes.reward import evaluate
+    from vgrpo.tiny_sd3 import make_pairs
+
+    mix = {"colors": 0.5, "counting": 0.5}
+    for noise, expected in ((0.0, 1.0), (1.0, 0.0)):
+        prompts, images = make_pairs(
+            12, np.random.default_rng(0), mix, caption_noise=dict.fromkeys(mix, noise), sides=(16.0, 28.0)
+        )
+        scores = {evaluate(p, detect(im)).score for p, im in zip(prompts, images, strict=True)}
+        assert scores == {expected}, (noise, scores)
+
+
+def test_pretrain_recipe_overrides_are_checked():
+    """`vgrpo pretrain-tiny --set KEY=VALUE`: JSON values become PretrainConfig fields; an unknown key, a
+    value of the wrong kind or an unknown layout fails at once, naming the key."""
+    from vgrpo.tiny_sd3 import PretrainConfig, recipe_overrides
+
+    got = recipe_overrides(
+        ["layout=slots", 'caption_noise={"colors": 0.4}', "flow_steps=10", "sides=[16, 28]"]
+    )
+    assert got == {"layout": "slots", "caption_noise": {"colors": 0.4}, "flow_steps": 10, "sides": (16, 28)}
+    assert PretrainConfig(**got).layout == "slots"
+    for bad, named in (
+        ("nope=1", "nope"),
+        ("flow_steps=many", "flow_steps"),
+        ("caption_noise=3", "caption_noise"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            recipe_overrides([bad])
+    with pytest.raises(ValueError, match="layout"):
+        PretrainConfig(layout="grid")
+    with pytest.raises(ValueError, match="caption_noise"):
+        PretrainConfig(caption_noise={"colors": 1.5})

@@ -73,14 +73,24 @@ def pretrain_tiny_cmd(
     ),
     flow_steps: int | None = typer.Option(None, "--flow-steps", min=1, help="stage-2 steps"),
     flow_lr: float | None = typer.Option(None, "--flow-lr", min=0.0, help="stage-2 learning rate"),
+    sets: list[str] | None = typer.Option(
+        None,
+        "--set",
+        help="KEY=VALUE of the recipe (vgrpo.tiny_sd3.PretrainConfig; VALUE as JSON), e.g. layout=slots, "
+        "caption_noise='{\"colors\": 0.4}'",
+    ),
 ) -> None:
     """Rebuild the tiny SD3 model of the embedded default from a seed (VAE, then transformer + text encoders)."""
-    from vgrpo.tiny_sd3 import PretrainConfig, pretrain
+    from vgrpo.tiny_sd3 import PretrainConfig, pretrain, recipe_overrides
 
     def log(message: str) -> None:
         typer.echo(message)
 
-    cfg = PretrainConfig(checkpoint_every=checkpoint_every)
+    try:
+        cfg = PretrainConfig(checkpoint_every=checkpoint_every, **recipe_overrides(sets or []))
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     if flow_steps is not None:
         cfg.flow_steps = flow_steps
     if flow_lr is not None:

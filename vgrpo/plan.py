@@ -351,8 +351,36 @@ UNKNOWN_REWARD = "unknown reward: 0.5 TFLOP/image assumed"
 CPU_REWARD_S = {"shapes": 0.003, "ocr": 0.25}  # CPU-seconds per image (benchmarks/results/rewards.json)
 
 
+GPU_FIGURES = Path("benchmarks") / "results" / "gpu.json"
+
+
+def measured_mfu(path: Path | None = None) -> tuple[dict[str, float], str] | None:
+    """Rollout and learner utilisation measured by benchmarks/gpu.py on a real GPU (SD3.5-Medium shapes,
+    bf16, eager PyTorch): the best row of each phase of its JSON (``path``, else benchmarks/results/gpu.json
+    of the working directory or of the source checkout), or None where there is none."""
+    if path is None:
+        here = [Path.cwd() / GPU_FIGURES, Path(__file__).resolve().parents[1] / GPU_FIGURES]
+        path = next((p for p in here if p.is_file()), here[0])
+    try:
+        data = json.loads(path.read_text())
+        roll = max(float(r["mfu"]) for r in data["rollout"])
+        learn = max(float(r["mfu"]) for r in data["learner"])
+        where = f"{data['meta']['device_name']} {data['meta']['date'][:10]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (0 < roll <= 1 and 0 < learn <= 1):
+        return None
+    return {"rollout": roll, "learner": learn}, f"measured on {where} ({path.name})"
+
+
 def estimate_costs(cfg: RunConfig, work: Workload, gpu: str = "H100") -> Costs:
-    """Per-phase costs from FLOP counts and assumed utilisation; every assumption is listed."""
+    """Per-phase costs from FLOP counts and utilisation (measured by benchmarks/gpu.py where its JSON is
+    saved, else assumed); every assumption is listed."""
+    mfu, mfu_source = dict(MFU), "assumed"
+    measured = measured_mfu() if gpu.upper() != "CPU" else None
+    if measured is not None:
+        mfu.update(measured[0])
+        mfu_source = measured[1]
     arch = arch_of(cfg)
     r = cfg.rollout
     h, w = r.height or arch.native, r.width or arch.native
@@ -391,18 +419,18 @@ def estimate_costs(cfg: RunConfig, work: Workload, gpu: str = "H100") -> Costs:
         f"learner ({cfg.algorithm.name}): {train:g} training passes (backward = 2x forward) + {nograd:g} "
         f"no-grad forwards per image: {why}",
         "reward: " + ", ".join(f"{n} {REWARD_TFLOP.get(n, (0.5, UNKNOWN_REWARD))[1]}" for n in rewards),
-        f"{gpu} bf16 dense peak {peak:g} TFLOP/s; utilisation rollout {MFU['rollout']:.0%}, "
-        f"learner {MFU['learner']:.0%}, reward {MFU['reward']:.0%}",
+        f"{gpu} bf16 dense peak {peak:g} TFLOP/s; utilisation rollout {mfu['rollout']:.0%}, "
+        f"learner {mfu['learner']:.0%} ({mfu_source}), reward {mfu['reward']:.0%} (assumed)",
         f"weight sync: {trainable / 1e6:.1f} M trainable params in fp32 at ~5 GB/s + 50 ms",
     ]
-    reward_s = rew_tflop / (peak * MFU["reward"])
+    reward_s = rew_tflop / (peak * mfu["reward"])
     if cpu_reward:
         reward_s = sum(CPU_REWARD_S.get(n, 0.05) for n in rewards)
         assumptions.append(f"reward runs on CPUs: {reward_s * 1e3:.0f} CPU-ms/image")
     return Costs(
-        rollout=roll / (peak * MFU["rollout"]),
+        rollout=roll / (peak * mfu["rollout"]),
         reward=reward_s,
-        learner=learn / (peak * MFU["learner"]),
+        learner=learn / (peak * mfu["learner"]),
         weight_sync=sync_s,
         grad_bytes=4 * trainable,
         reward_device="cpu" if cpu_reward else "device",

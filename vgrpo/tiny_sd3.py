@@ -23,9 +23,12 @@ Pretraining (``pretrain``) has two stages, each with its own seeded RNG streams:
    the model of a run with ``flow_steps = N``).
 
 The training mix is skewed to single-object and colour captions, so that the model learns shapes and
-colours before composition (RL headroom, as SD3.5-Medium leaves on GenEval). Measured status: on the
-shared 2-core machine the recipe's budget gives a model that follows colours but draws blobs rather than
-clean shapes (see the session report); more flow steps are the known remedy.
+colours before composition (RL headroom, as SD3.5-Medium leaves on GenEval). The shipped model adds
+refinement stages (``init_from``) with two more knobs: ``layout="slots"`` (scenes in a few fixed layouts,
+objects 20-28 px: a layout prior a tiny model draws cleanly) and ``caption_noise`` (a near miss of the
+caption drawn instead, by family: GenEval's failure modes, so that compositions are followed only some of
+the time). Its ``pretrain.json`` lists the five stages' commands, times and held-out scores;
+docs/training.md what RL does on it.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ SCHEDULER_SHIFT = 3.0  # SD3's; the scheduler config carries it to every sampler
 
 @dataclass
 class PretrainConfig:
-    """Everything ``pretrain`` reads; the defaults reproduce the shipped model."""
+    """Everything ``pretrain`` reads; the defaults are the first stage of the shipped model's recipe (its
+    ``pretrain.json``), the later stages set fields with ``vgrpo pretrain-tiny --set KEY=VALUE``."""
 
     seed: int = 0
     # stage 1: VAE
@@ -107,10 +111,64 @@ class PretrainConfig:
     # objects beyond those the caption names (scene_for_prompt's distractors); 0: captions describe the
     # whole image, a lower-entropy conditional that a tiny model learns faster
     max_distractors: int = 0
+    # P(the image of a pair is drawn for a near miss of its caption), by family (shapes.prompts.
+    # near_miss_prompt: one object missing, another count or colour, the opposite relation, swapped
+    # colours): the base model then knows every object and attribute but follows compositions only some of
+    # the time, a choice that RL can sharpen -- as a web-trained model's caption noise leaves SD3.5 on GenEval
+    caption_noise: dict[str, float] = field(default_factory=dict)
+    # the side range (px at 64) of the pretraining scenes' objects (the spec's is 12-28)
+    sides: tuple[float, float] = (12.0, 28.0)
+    # where the pretraining scenes put their objects: "random" (anywhere the spec allows) or "slots"
+    # (render.place_in_slots: centred, side by side / stacked, quadrants -- a low-entropy layout prior that
+    # a tiny model learns to draw cleanly, as web images' photographic conventions give real models one;
+    # "slots_compact": the same with smaller objects)
+    layout: str = "random"
+    device: str = "cpu"  # stage 2's device (cuda: the same recipe, its own floating-point path)
     checkpoint_every: int = 0  # save the EMA pipeline every N flow steps under out_dir/ckpt_<N> (0: never)
     # one intra-op thread: measured on the shared 2-core machine, 2 threads ran 4-7x SLOWER than 1 when
     # another process held a core (oversubscription); None leaves torch's default
     num_threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("random", "slots", "slots_compact"):
+            raise ValueError(f"layout = {self.layout!r}: want 'random', 'slots' or 'slots_compact'")
+        bad = {f: p for f, p in self.caption_noise.items() if f not in self.family_mix or not 0 <= p <= 1}
+        if bad:
+            raise ValueError(
+                f"caption_noise {bad}: want {{family: probability in [0, 1]}}, families {list(self.family_mix)}"
+            )
+
+
+def recipe_overrides(sets: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (VALUE as JSON, else a plain string) as PretrainConfig fields, checked: an
+    unknown key or a value of the wrong kind is a ValueError naming the key and the fix."""
+    fields = {f.name: f for f in PretrainConfig.__dataclass_fields__.values()}
+    defaults = asdict(PretrainConfig())
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(
+                f"--set {item!r}: want KEY=VALUE with KEY one of {', '.join(fields)}"
+                if key not in fields
+                else f"--set {item!r}: want KEY=VALUE"
+            )
+        value: Any
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        want = defaults[key]
+        kinds: tuple[type, ...] = (
+            (int, float) if isinstance(want, float) else (type(want),) if want is not None else (int,)
+        )
+        if isinstance(want, tuple):
+            kinds = (list, tuple)
+        if (isinstance(value, bool) and not isinstance(want, bool)) or not isinstance(value, kinds):
+            raise ValueError(f"--set {key}={raw}: want a {type(want).__name__} like {json.dumps(want)}")
+        out[key] = tuple(value) if isinstance(want, tuple) and isinstance(value, list) else value
+    return out
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -328,13 +386,21 @@ def pretraining_prompts() -> dict[str, list[str]]:
 
 
 def make_pairs(
-    n: int, rng: np.random.Generator, family_mix: dict[str, float], max_distractors: int = 0
+    n: int,
+    rng: np.random.Generator,
+    family_mix: dict[str, float],
+    max_distractors: int = 0,
+    caption_noise: dict[str, float] | None = None,
+    sides: tuple[float, float] = (12.0, 28.0),
+    layout: str = "random",
 ) -> tuple[list[str], np.ndarray]:
     """``n`` (prompt, image) pairs: a family drawn by ``family_mix``, a caption of that family from
-    :func:`pretraining_prompts`, and a fresh random scene that passes it (``scene_for_prompt``)."""
-    from vgrpo.shapes.prompts import scene_for_prompt
+    :func:`pretraining_prompts`, and a fresh random scene that passes it (``scene_for_prompt``) -- or, with
+    probability ``caption_noise[family]``, one that passes a near miss of it (``near_miss_prompt``)."""
+    from vgrpo.shapes.prompts import near_miss_prompt, scene_for_prompt
     from vgrpo.shapes.render import render_scene
 
+    noise = caption_noise or {}
     by_family = pretraining_prompts()
     families = [f for f in family_mix if by_family.get(f)]
     p = np.array([family_mix[f] for f in families], dtype=np.float64)
@@ -345,7 +411,12 @@ def make_pairs(
         fam = families[int(rng.choice(len(families), p=p))]
         prompt = by_family[fam][int(rng.integers(len(by_family[fam])))]
         prompts.append(prompt)
-        scene = scene_for_prompt(prompt, rng, size=IMAGE_SIZE, max_distractors=max_distractors)
+        drawn = prompt
+        if noise.get(fam, 0.0) > 0 and rng.random() < noise[fam]:
+            drawn = near_miss_prompt(prompt, rng)[0]
+        scene = scene_for_prompt(
+            drawn, rng, size=IMAGE_SIZE, max_distractors=max_distractors, sides=sides, layout=layout
+        )
         images[i] = render_scene(scene)
     return prompts, images
 
@@ -460,9 +531,10 @@ def train_flow(
         idx = torch.randint(len(prompts), (cfg.flow_batch,), generator=gen)
         drop = torch.rand(cfg.flow_batch, generator=gen) < cfg.caption_dropout
         batch_prompts = ["" if d else prompts[int(i)] for i, d in zip(idx, drop, strict=True)]
-        x0_bchw = latents_nchw[idx]
-        eps_bchw = torch.randn(x0_bchw.shape, generator=gen)
-        u_b = torch.sigmoid(torch.randn(cfg.flow_batch, generator=gen))  # SD3's logit-normal(0, 1)
+        dev = latents_nchw.device  # random numbers drawn on the CPU: one stream on every device
+        x0_bchw = latents_nchw[idx.to(dev)]
+        eps_bchw = torch.randn(x0_bchw.shape, generator=gen).to(dev)
+        u_b = torch.sigmoid(torch.randn(cfg.flow_batch, generator=gen)).to(dev)  # SD3's logit-normal(0, 1)
         t_b = cfg.shift * u_b / (1 + (cfg.shift - 1) * u_b)  # SD3's shift (ALGORITHMS.md §1)
         t_b4 = t_b.view(-1, 1, 1, 1)
         xt_bchw = (1 - t_b4) * x0_bchw + t_b4 * eps_bchw
@@ -527,7 +599,7 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     pipe = build_pipeline(
-        seed, adaln_zero=cfg.adaln_zero, shift=cfg.shift, heads=cfg.heads, layers=cfg.layers
+        seed, adaln_zero=cfg.adaln_zero, shift=cfg.shift, heads=cfg.heads, layers=cfg.layers, patch=cfg.patch
     )
     if init_from is not None:
         from vgrpo.policy import load_pipeline
@@ -548,18 +620,28 @@ def pretrain(
 
     log(f"rendering {cfg.flow_pairs} (prompt, image) pairs")
     prompts, images = make_pairs(
-        cfg.flow_pairs, np.random.default_rng([seed, 2]), cfg.family_mix, cfg.max_distractors
+        cfg.flow_pairs,
+        np.random.default_rng([seed, 2]),
+        cfg.family_mix,
+        cfg.max_distractors,
+        cfg.caption_noise,
+        tuple(cfg.sides),  # type: ignore[arg-type]
+        cfg.layout,
     )
     with torch.no_grad():
         latents = torch.cat(
             [encode_images(pipe.vae, images[i : i + 256]) for i in range(0, len(images), 256)]
         )
+    if cfg.device != "cpu":
+        pipe.to(cfg.device)
+        latents = latents.to(cfg.device)
 
     def checkpoint(step: int, ema_pipe: StableDiffusion3Pipeline) -> None:
         save_pipeline(ema_pipe, out / f"ckpt_{step}")
         log(f"checkpoint {out / f'ckpt_{step}'}")
 
     ema_pipe = train_flow(pipe, prompts, latents, cfg, log, on_checkpoint=checkpoint)
+    ema_pipe.to("cpu")
     save_pipeline(ema_pipe, out)
     total = time.perf_counter() - t_start
     record = {"config": asdict(cfg), "vae_s": round(t_vae, 1), "total_s": round(total, 1)}

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vgrpo.shapes.render import PlacementCheck, place_objects
+from vgrpo.shapes.render import PlacementCheck, place_in_slots, place_objects
 from vgrpo.shapes.spec import (
     COLORS,
     COUNTS,
     FAMILIES,
+    MAX_SIDE,
+    MIN_SIDE,
     RELATIONS,
     SHAPES,
     Scene,
@@ -234,11 +236,18 @@ def _relation_is_clear(relation: str, margin: float, size: int) -> PlacementChec
 
 
 def scene_for_prompt(
-    prompt: str, rng: np.random.Generator, size: int = 64, max_distractors: int = 1
+    prompt: str,
+    rng: np.random.Generator,
+    size: int = 64,
+    max_distractors: int = 1,
+    sides: tuple[float, float] = (MIN_SIDE, MAX_SIDE),
+    layout: str = "random",
 ) -> Scene:
     """A random scene that passes `prompt`, plus up to `max_distractors` objects of shapes the prompt does
     not name (so they cannot break it: none of a counted shape beyond the count, no second instance that
-    could put a relation in doubt under GenEval's every-instance reading)."""
+    could put a relation in doubt under GenEval's every-instance reading). ``layout="slots"`` (or
+    ``"slots_compact"``) places the objects in ``render.place_in_slots``' layouts (no distractors, ``sides``
+    unused)."""
     p = parse_prompt(prompt)
     named = [c.shape for c in p.clauses if c.kind == "present"]
     colours = {c.shape: c.color for c in p.clauses if c.kind == "color"}
@@ -250,10 +259,19 @@ def scene_for_prompt(
     if rel is not None:  # place the reference first, then object 1 where the relation clearly holds
         items = [(rel.other or "", str(rng.choice(palette))), (rel.shape, str(rng.choice(palette)))]
         check = _relation_is_clear(str(rel.relation), 0.15, size)
+    if layout in ("slots", "slots_compact"):  # no distractors; a relation sets the pair's arrangement
+        arrangement = None
+        if rel is not None:
+            arrangement = "h" if rel.relation in ("left of", "right of") else "v"
+            if rel.relation in ("left of", "above"):  # object 1 first: left / top
+                items = items[::-1]
+        return Scene(place_in_slots(rng, items, size, arrangement, layout == "slots_compact"), size)
+    if layout != "random":
+        raise ValueError(f"layout {layout!r}: 'random', 'slots' or 'slots_compact'")
     others = [s for s in SHAPES if s not in named]
     for _ in range(int(rng.integers(0, max_distractors + 1))):
         items.append((str(rng.choice(others)), str(rng.choice(palette))))
-    return Scene(place_objects(rng, items, size, check), size)
+    return Scene(place_objects(rng, items, size, check, sides=sides), size)
 
 
 def violate_prompt(prompt: str, scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
@@ -289,6 +307,45 @@ def violate_prompt(prompt: str, scene: Scene, rng: np.random.Generator) -> tuple
     else:
         relation = OPPOSITE[relation]
     return prompt_text(p.family, named, colours, count, relation), kind
+
+
+NEAR_MISSES = {
+    "single_object": ("wrong_shape",),
+    "two_object": ("missing_object", "wrong_shape"),
+    "counting": ("wrong_count", "wrong_shape"),
+    "colors": ("wrong_color", "wrong_shape"),
+    "position": ("swapped_relation", "wrong_shape"),
+    "color_attr": ("swapped_colors", "wrong_shape"),
+}
+
+
+def near_miss_prompt(prompt: str, rng: np.random.Generator) -> tuple[str, str]:
+    """A prompt that fails `prompt` the way a text-to-image model typically does (GenEval's failure modes,
+    one clause wrong): one named shape drawn as another (`wrong_shape`, any family) or, by family, one of
+    the two objects left out (`two_object`), another count, another colour (`colors`), the opposite
+    relation (`position`), the two colours swapped (`color_attr`, a binding error). The kind is drawn
+    uniformly among the family's (`NEAR_MISSES`). Returns the near-miss prompt (to draw a scene for) and
+    its kind."""
+    p = parse_prompt(prompt)
+    named = [c.shape for c in p.clauses if c.kind == "present"]
+    colours = [c.color or "" for c in p.clauses if c.kind == "color"]
+    count = next((c.count for c in p.clauses if c.kind == "count"), 1)
+    relation = next((str(c.relation) for c in p.clauses if c.kind == "relation"), "")
+    family = p.family
+    kind = str(rng.choice(NEAR_MISSES[family]))
+    if kind == "wrong_shape":
+        named[int(rng.integers(len(named)))] = str(rng.choice([s for s in SHAPES if s not in named]))
+    elif kind == "missing_object":
+        family, named = "single_object", [named[int(rng.integers(2))]]
+    elif kind == "wrong_count":
+        count = int(rng.choice([n for n in COUNTS.values() if n != count]))
+    elif kind == "wrong_color":
+        colours = [str(rng.choice([c for c in COLORS if c != colours[0]]))]
+    elif kind == "swapped_relation":
+        relation = OPPOSITE[relation]
+    else:
+        colours = colours[::-1]
+    return prompt_text(family, named, colours, count, relation), kind
 
 
 def build_splits(seed: int = SPLIT_SEED) -> dict[str, list[dict]]:

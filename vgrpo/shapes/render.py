@@ -61,14 +61,16 @@ def place_objects(
     size: int = 64,
     check: PlacementCheck | None = None,
     tries: int = 400,
+    sides: tuple[float, float] = (MIN_SIDE, MAX_SIDE),
 ) -> list[SceneObject]:
     """Places (shape, colour) items one by one at random: box side uniform in the spec's 12-28 px (scaled),
-    the box at least 1 px from the border, and every object at least 2 px (pixel distance) from the shapes
-    already placed; `check` may veto a candidate (e.g. a required relation). Sides shrink towards the
-    minimum as tries fail, so crowded scenes (four objects and a distractor) still fit. Raises
-    RuntimeError if the items cannot be placed."""
+        the box at least 1 px from the border, and every object at least 2 px (pixel distance) from the shapes
+        already placed; `check` may veto a candidate (e.g. a required relation). Sides shrink towards the
+        minimum as tries fail, so crowded scenes (four objects and a distractor) still fit. `sides` narrows
+    the side range (at 64 px; e.g. larger objects for pretraining). Raises
+        RuntimeError if the items cannot be placed."""
     k = scale(size)
-    lo, hi = MIN_SIDE * k, MAX_SIDE * k
+    lo, hi = sides[0] * k, sides[1] * k
     border = MIN_BORDER * k
     ss = max(1, int(np.ceil(4 / k)))  # sub-pixel grid: a quarter of a 64 px image's pixel, or finer
     gap = MIN_GAP * k * ss  # the spec's gap in sub-pixels
@@ -118,3 +120,67 @@ def random_scene(
     `place_objects` (non-overlapping, >= 2 px apart, >= 1 px from the border, sides 12-28 px at 64 px)."""
     items = [(str(rng.choice(shapes)), str(rng.choice(colors))) for _ in range(n_objects)]
     return Scene(place_objects(rng, items, size), size)
+
+
+# slot layouts (at 64 px): one centred object, a pair side by side or one above the other, or three or
+# four in the quadrants; objects as large as the spec allows where they fit (a tiny model draws a cross or
+# a ring more cleanly over more latent pixels), and sides and jitter keep every pair >= 2 px apart and
+# every box >= 1 px from the border
+SLOT_CENTRES = {
+    "single": [(32.0, 32.0)],
+    "h": [(16.0, 32.0), (48.0, 32.0)],  # left, right
+    "v": [(32.0, 16.0), (32.0, 48.0)],  # top, bottom
+    "quad": [(16.0, 16.0), (48.0, 16.0), (16.0, 48.0), (48.0, 48.0)],
+}
+SLOT_SIDES = {"single": (22.0, 28.0), "h": (20.0, 27.0), "v": (20.0, 27.0), "quad": (20.0, 27.0)}
+SLOT_JITTER = {"single": 4.0, "h": 1.0, "v": 1.0, "quad": 1.0}
+# "compact" slots: smaller objects nearer the centre (an intermediate pretraining stage of the shipped model)
+COMPACT_SLOTS = (
+    {
+        "single": [(32.0, 32.0)],
+        "h": [(18.0, 32.0), (46.0, 32.0)],
+        "v": [(32.0, 18.0), (32.0, 46.0)],
+        "quad": [(17.0, 17.0), (47.0, 17.0), (17.0, 47.0), (47.0, 47.0)],
+    },
+    {"single": (20.0, 28.0), "h": (16.0, 22.0), "v": (16.0, 22.0), "quad": (16.0, 22.0)},
+    {"single": 4.0, "h": 2.0, "v": 2.0, "quad": 2.0},
+)
+
+
+def place_in_slots(
+    rng: np.random.Generator,
+    items: Sequence[tuple[str, str]],
+    size: int = 64,
+    arrangement: str | None = None,
+    compact: bool = False,
+) -> list[SceneObject]:
+    """Places 1-4 (shape, colour) items in a slot layout (``SLOT_CENTRES``) instead of anywhere: a low-
+        entropy scene distribution that a tiny model learns to draw cleanly (pretraining data; the spec's rules
+        hold: 20-28 px boxes, >= 2 px apart, >= 1 px from the border). ``arrangement`` ("h": items[0] left of
+        items[1]; "v": items[0] above items[1]) is for a required relation; otherwise a pair is side by side or
+        stacked, in random order, and three items take three random quadrants. ``compact``: the smaller
+    ``COMPACT_SLOTS`` (16-28 px boxes)."""
+    n = len(items)
+    if not 1 <= n <= 4:
+        raise ValueError(f"slot layouts hold 1-4 objects, not {n}")
+    if n == 1:
+        kind, slots = "single", [0]
+    elif n == 2:
+        kind = arrangement or ("h" if rng.random() < 0.5 else "v")
+        slots = [0, 1] if arrangement or rng.random() < 0.5 else [1, 0]
+    else:
+        kind, slots = "quad", [int(i) for i in rng.permutation(4)[:n]]
+    k = scale(size)
+    centres, sides, jitters = COMPACT_SLOTS if compact else (SLOT_CENTRES, SLOT_SIDES, SLOT_JITTER)
+    lo, hi = sides[kind]
+    jitter = jitters[kind]
+    placed = []
+    for (shape, color), slot in zip(items, slots, strict=True):
+        cx, cy = centres[kind][slot]
+        dx, dy = rng.uniform(-jitter, jitter, 2)
+        placed.append(
+            SceneObject(
+                shape, color, float((cx + dx) * k), float((cy + dy) * k), float(rng.uniform(lo, hi) * k)
+            )
+        )
+    return placed
