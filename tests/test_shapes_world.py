@@ -97,7 +97,9 @@ def test_slot_layouts_pass_their_prompt_within_the_spec(family: str, layout: str
         masks = []
         for o in scene.objects:
             x0, y0, x1, y1 = o.bbox
-            assert (20 if layout == "slots" else 12) <= o.size <= 28 and min(x0, y0) >= 1 and max(x1, y1) <= 63, (prompt, o)
+            assert (
+                (20 if layout == "slots" else 12) <= o.size <= 28 and min(x0, y0) >= 1 and max(x1, y1) <= 63
+            ), (prompt, o)
             m = np.zeros((64, 64), bool)
             m[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = (
                 coverage(o, int(x0), int(y0), int(np.ceil(x1)) - int(x0), int(np.ceil(y1)) - int(y0)) > 0
