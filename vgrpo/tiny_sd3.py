@@ -130,8 +130,10 @@ class PretrainConfig:
     num_threads: int | None = 1
 
     def __post_init__(self) -> None:
-        if self.layout not in ("random", "slots", "slots_compact"):
-            raise ValueError(f"layout = {self.layout!r}: want 'random', 'slots' or 'slots_compact'")
+        from vgrpo.shapes.render import LAYOUTS
+
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout = {self.layout!r}: want one of {', '.join(LAYOUTS)}")
         bad = {f: p for f, p in self.caption_noise.items() if f not in self.family_mix or not 0 <= p <= 1}
         if bad:
             raise ValueError(
@@ -142,18 +144,15 @@ class PretrainConfig:
 def recipe_overrides(sets: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings (VALUE as JSON, else a plain string) as PretrainConfig fields, checked: an
     unknown key or a value of the wrong kind is a ValueError naming the key and the fix."""
-    fields = {f.name: f for f in PretrainConfig.__dataclass_fields__.values()}
     defaults = asdict(PretrainConfig())
     out: dict[str, Any] = {}
     for item in sets:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or key not in fields:
-            raise ValueError(
-                f"--set {item!r}: want KEY=VALUE with KEY one of {', '.join(fields)}"
-                if key not in fields
-                else f"--set {item!r}: want KEY=VALUE"
-            )
+        if key not in defaults:
+            raise ValueError(f"--set {item!r}: want KEY=VALUE with KEY one of {', '.join(defaults)}")
+        if not sep:
+            raise ValueError(f"--set {item!r}: want KEY=VALUE")
         value: Any
         try:
             value = json.loads(raw)
@@ -525,13 +524,13 @@ def train_flow(
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     t0 = time.perf_counter()
     running = 0.0
+    dev = latents_nchw.device  # random numbers drawn on the CPU: one stream on every device
     for step in range(1, cfg.flow_steps + 1):
         for g in opt.param_groups:
             g["lr"] = cfg.flow_lr * min(1.0, step / cfg.warmup_steps)
         idx = torch.randint(len(prompts), (cfg.flow_batch,), generator=gen)
         drop = torch.rand(cfg.flow_batch, generator=gen) < cfg.caption_dropout
         batch_prompts = ["" if d else prompts[int(i)] for i, d in zip(idx, drop, strict=True)]
-        dev = latents_nchw.device  # random numbers drawn on the CPU: one stream on every device
         x0_bchw = latents_nchw[idx.to(dev)]
         eps_bchw = torch.randn(x0_bchw.shape, generator=gen).to(dev)
         u_b = torch.sigmoid(torch.randn(cfg.flow_batch, generator=gen)).to(dev)  # SD3's logit-normal(0, 1)

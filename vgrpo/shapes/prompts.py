@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vgrpo.shapes.render import PlacementCheck, place_in_slots, place_objects
+from vgrpo.shapes.render import LAYOUTS, SLOT_LAYOUTS, PlacementCheck, place_in_slots, place_objects
 from vgrpo.shapes.spec import (
     COLORS,
     COUNTS,
@@ -245,8 +245,8 @@ def scene_for_prompt(
 ) -> Scene:
     """A random scene that passes `prompt`, plus up to `max_distractors` objects of shapes the prompt does
     not name (so they cannot break it: none of a counted shape beyond the count, no second instance that
-    could put a relation in doubt under GenEval's every-instance reading). ``layout="slots"`` (or
-    ``"slots_compact"``) places the objects in ``render.place_in_slots``' layouts (no distractors, ``sides``
+    could put a relation in doubt under GenEval's every-instance reading). A ``layout`` of
+    ``render.SLOT_LAYOUTS`` places the objects with ``render.place_in_slots`` (no distractors, ``sides``
     unused)."""
     p = parse_prompt(prompt)
     named = [c.shape for c in p.clauses if c.kind == "present"]
@@ -259,19 +259,28 @@ def scene_for_prompt(
     if rel is not None:  # place the reference first, then object 1 where the relation clearly holds
         items = [(rel.other or "", str(rng.choice(palette))), (rel.shape, str(rng.choice(palette)))]
         check = _relation_is_clear(str(rel.relation), 0.15, size)
-    if layout in ("slots", "slots_compact"):  # no distractors; a relation sets the pair's arrangement
+    if layout in SLOT_LAYOUTS:  # no distractors; a relation sets the pair's arrangement
         arrangement = None
         if rel is not None:
             arrangement = "h" if rel.relation in ("left of", "right of") else "v"
             if rel.relation in ("left of", "above"):  # object 1 first: left / top
                 items = items[::-1]
-        return Scene(place_in_slots(rng, items, size, arrangement, layout == "slots_compact"), size)
+        return Scene(place_in_slots(rng, items, size, arrangement, layout), size)
     if layout != "random":
-        raise ValueError(f"layout {layout!r}: 'random', 'slots' or 'slots_compact'")
+        raise ValueError(f"layout {layout!r}: want one of {', '.join(LAYOUTS)}")
     others = [s for s in SHAPES if s not in named]
     for _ in range(int(rng.integers(0, max_distractors + 1))):
         items.append((str(rng.choice(others)), str(rng.choice(palette))))
     return Scene(place_objects(rng, items, size, check, sides=sides), size)
+
+
+def _prompt_parts(p: ParsedPrompt) -> tuple[list[str], list[str], int, str]:
+    """The arguments of `prompt_text` that `p` was written from: named shapes, colours, count, relation."""
+    named = [c.shape for c in p.clauses if c.kind == "present"]
+    colours = [c.color or "" for c in p.clauses if c.kind == "color"]
+    count = next((c.count for c in p.clauses if c.kind == "count"), 1)
+    relation = next((str(c.relation) for c in p.clauses if c.kind == "relation"), "")
+    return named, colours, count, relation
 
 
 def violate_prompt(prompt: str, scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
@@ -280,7 +289,7 @@ def violate_prompt(prompt: str, scene: Scene, rng: np.random.Generator) -> tuple
     shape has), `wrong_count` or `swapped_relation` (the opposite relation). For tests and benchmarks."""
     p = parse_prompt(prompt)
     present = {o.shape for o in scene.objects}
-    named = [c.shape for c in p.clauses if c.kind == "present"]
+    named, colours, count, relation = _prompt_parts(p)
     absent = [s for s in SHAPES if s not in present and s not in named]
     kinds = ["missing_object"] if absent else []
     if p.family in ("colors", "color_attr"):
@@ -292,9 +301,6 @@ def violate_prompt(prompt: str, scene: Scene, rng: np.random.Generator) -> tuple
     if not kinds:
         raise ValueError(f"every shape appears in the scene, so no one-word change of {prompt!r} is false")
     kind = str(rng.choice(kinds))
-    colours = [c.color or "" for c in p.clauses if c.kind == "color"]
-    count = next((c.count for c in p.clauses if c.kind == "count"), 1)
-    relation = next((str(c.relation) for c in p.clauses if c.kind == "relation"), "")
     i = int(rng.integers(len(named)))
     if kind == "missing_object":
         named[i] = str(rng.choice(absent))
@@ -327,10 +333,7 @@ def near_miss_prompt(prompt: str, rng: np.random.Generator) -> tuple[str, str]:
     uniformly among the family's (`NEAR_MISSES`). Returns the near-miss prompt (to draw a scene for) and
     its kind."""
     p = parse_prompt(prompt)
-    named = [c.shape for c in p.clauses if c.kind == "present"]
-    colours = [c.color or "" for c in p.clauses if c.kind == "color"]
-    count = next((c.count for c in p.clauses if c.kind == "count"), 1)
-    relation = next((str(c.relation) for c in p.clauses if c.kind == "relation"), "")
+    named, colours, count, relation = _prompt_parts(p)
     family = p.family
     kind = str(rng.choice(NEAR_MISSES[family]))
     if kind == "wrong_shape":

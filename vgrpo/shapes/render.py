@@ -63,12 +63,11 @@ def place_objects(
     tries: int = 400,
     sides: tuple[float, float] = (MIN_SIDE, MAX_SIDE),
 ) -> list[SceneObject]:
-    """Places (shape, colour) items one by one at random: box side uniform in the spec's 12-28 px (scaled),
-        the box at least 1 px from the border, and every object at least 2 px (pixel distance) from the shapes
-        already placed; `check` may veto a candidate (e.g. a required relation). Sides shrink towards the
-        minimum as tries fail, so crowded scenes (four objects and a distractor) still fit. `sides` narrows
-    the side range (at 64 px; e.g. larger objects for pretraining). Raises
-        RuntimeError if the items cannot be placed."""
+    """Places (shape, colour) items one by one at random: box side uniform in the spec's 12-28 px (scaled;
+    `sides` narrows the range, e.g. larger objects for pretraining), the box at least 1 px from the border,
+    and every object at least 2 px (pixel distance) from the shapes already placed; `check` may veto a
+    candidate (e.g. a required relation). Sides shrink towards the minimum as tries fail, so crowded scenes
+    (four objects and a distractor) still fit. Raises RuntimeError if the items cannot be placed."""
     k = scale(size)
     lo, hi = sides[0] * k, sides[1] * k
     border = MIN_BORDER * k
@@ -123,28 +122,34 @@ def random_scene(
 
 
 # slot layouts (at 64 px): one centred object, a pair side by side or one above the other, or three or
-# four in the quadrants; objects as large as the spec allows where they fit (a tiny model draws a cross or
-# a ring more cleanly over more latent pixels), and sides and jitter keep every pair >= 2 px apart and
-# every box >= 1 px from the border
-SLOT_CENTRES = {
-    "single": [(32.0, 32.0)],
-    "h": [(16.0, 32.0), (48.0, 32.0)],  # left, right
-    "v": [(32.0, 16.0), (32.0, 48.0)],  # top, bottom
-    "quad": [(16.0, 16.0), (48.0, 16.0), (16.0, 48.0), (48.0, 48.0)],
+# four in the quadrants. Per layout: slot centres, box-side range and jitter (px) per arrangement, chosen so
+# that every pair stays >= 2 px apart and every box >= 1 px from the border. "slots" makes objects as large
+# as the spec allows where they fit (a tiny model draws a cross or a ring more cleanly over more latent
+# pixels); "slots_compact" is smaller and nearer the centre (an intermediate stage of the shipped model).
+SlotLayout = tuple[dict[str, list[tuple[float, float]]], dict[str, tuple[float, float]], dict[str, float]]
+SLOT_LAYOUTS: dict[str, SlotLayout] = {
+    "slots": (
+        {
+            "single": [(32.0, 32.0)],
+            "h": [(16.0, 32.0), (48.0, 32.0)],  # left, right
+            "v": [(32.0, 16.0), (32.0, 48.0)],  # top, bottom
+            "quad": [(16.0, 16.0), (48.0, 16.0), (16.0, 48.0), (48.0, 48.0)],
+        },
+        {"single": (22.0, 28.0), "h": (20.0, 27.0), "v": (20.0, 27.0), "quad": (20.0, 27.0)},
+        {"single": 4.0, "h": 1.0, "v": 1.0, "quad": 1.0},
+    ),
+    "slots_compact": (
+        {
+            "single": [(32.0, 32.0)],
+            "h": [(18.0, 32.0), (46.0, 32.0)],
+            "v": [(32.0, 18.0), (32.0, 46.0)],
+            "quad": [(17.0, 17.0), (47.0, 17.0), (17.0, 47.0), (47.0, 47.0)],
+        },
+        {"single": (20.0, 28.0), "h": (16.0, 22.0), "v": (16.0, 22.0), "quad": (16.0, 22.0)},
+        {"single": 4.0, "h": 2.0, "v": 2.0, "quad": 2.0},
+    ),
 }
-SLOT_SIDES = {"single": (22.0, 28.0), "h": (20.0, 27.0), "v": (20.0, 27.0), "quad": (20.0, 27.0)}
-SLOT_JITTER = {"single": 4.0, "h": 1.0, "v": 1.0, "quad": 1.0}
-# "compact" slots: smaller objects nearer the centre (an intermediate pretraining stage of the shipped model)
-COMPACT_SLOTS = (
-    {
-        "single": [(32.0, 32.0)],
-        "h": [(18.0, 32.0), (46.0, 32.0)],
-        "v": [(32.0, 18.0), (32.0, 46.0)],
-        "quad": [(17.0, 17.0), (47.0, 17.0), (17.0, 47.0), (47.0, 47.0)],
-    },
-    {"single": (20.0, 28.0), "h": (16.0, 22.0), "v": (16.0, 22.0), "quad": (16.0, 22.0)},
-    {"single": 4.0, "h": 2.0, "v": 2.0, "quad": 2.0},
-)
+LAYOUTS = ("random", *SLOT_LAYOUTS)  # scene_for_prompt's layouts: anywhere the spec allows, or in slots
 
 
 def place_in_slots(
@@ -152,14 +157,13 @@ def place_in_slots(
     items: Sequence[tuple[str, str]],
     size: int = 64,
     arrangement: str | None = None,
-    compact: bool = False,
+    layout: str = "slots",
 ) -> list[SceneObject]:
-    """Places 1-4 (shape, colour) items in a slot layout (``SLOT_CENTRES``) instead of anywhere: a low-
-        entropy scene distribution that a tiny model learns to draw cleanly (pretraining data; the spec's rules
-        hold: 20-28 px boxes, >= 2 px apart, >= 1 px from the border). ``arrangement`` ("h": items[0] left of
-        items[1]; "v": items[0] above items[1]) is for a required relation; otherwise a pair is side by side or
-        stacked, in random order, and three items take three random quadrants. ``compact``: the smaller
-    ``COMPACT_SLOTS`` (16-28 px boxes)."""
+    """Places 1-4 (shape, colour) items in a slot layout (``SLOT_LAYOUTS[layout]``) instead of anywhere: a
+    low-entropy scene distribution that a tiny model learns to draw cleanly (pretraining data; the spec's
+    rules hold: boxes within 12-28 px, >= 2 px apart, >= 1 px from the border). ``arrangement`` ("h":
+    items[0] left of items[1]; "v": items[0] above items[1]) is for a required relation; otherwise a pair is
+    side by side or stacked, in random order, and three items take three random quadrants."""
     n = len(items)
     if not 1 <= n <= 4:
         raise ValueError(f"slot layouts hold 1-4 objects, not {n}")
@@ -171,16 +175,12 @@ def place_in_slots(
     else:
         kind, slots = "quad", [int(i) for i in rng.permutation(4)[:n]]
     k = scale(size)
-    centres, sides, jitters = COMPACT_SLOTS if compact else (SLOT_CENTRES, SLOT_SIDES, SLOT_JITTER)
+    centres, sides, jitters = SLOT_LAYOUTS[layout]
     lo, hi = sides[kind]
-    jitter = jitters[kind]
     placed = []
     for (shape, color), slot in zip(items, slots, strict=True):
         cx, cy = centres[kind][slot]
-        dx, dy = rng.uniform(-jitter, jitter, 2)
-        placed.append(
-            SceneObject(
-                shape, color, float((cx + dx) * k), float((cy + dy) * k), float(rng.uniform(lo, hi) * k)
-            )
-        )
+        dx, dy = rng.uniform(-jitters[kind], jitters[kind], 2)
+        side = rng.uniform(lo, hi)
+        placed.append(SceneObject(shape, color, float((cx + dx) * k), float((cy + dy) * k), float(side * k)))
     return placed
