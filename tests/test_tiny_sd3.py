@@ -155,6 +155,57 @@ def test_pretraining_pairs_follow_the_caption_noise():
         assert scores == {expected}, (noise, scores)
 
 
+def test_washed_out_pairs_keep_their_caption_but_fail_the_detector():
+    """make_pairs washes an image out with probability washout[family]: its objects keep their place and
+    hue (the caption still describes it) but fade towards the grey background until the detector finds
+    nothing, so the defect costs reward on every prompt alike."""
+    from vgrpo.shapes.detector import detect
+    from vgrpo.shapes.reward import evaluate
+    from vgrpo.shapes.spec import BACKGROUND
+    from vgrpo.tiny_sd3 import make_pairs
+
+    from vgrpo.tiny_sd3 import wash_out
+
+    mix = {"single_object": 0.5, "two_object": 0.5}
+    kw = {"caption_noise": {}, "sides": (16.0, 28.0), "layout": "slots"}
+    grey = np.asarray(BACKGROUND, np.float64)
+    prompts, clean = make_pairs(10, np.random.default_rng(0), mix, **kw)
+    for p, c in zip(prompts, clean, strict=True):
+        w = wash_out(c, 0.25)
+        offset_c, offset_w = c - grey, w - grey
+        assert evaluate(p, detect(c)).score == 1.0 and evaluate(p, detect(w)).score == 0.0
+        assert np.all(offset_c[offset_w != 0] != 0) and np.all(offset_w * offset_c >= 0)  # same pixels, hues
+        assert np.abs(offset_w).max() <= 0.25 * np.abs(offset_c).max() + 0.5
+    prompts, washed = make_pairs(10, np.random.default_rng(0), mix, washout=dict.fromkeys(mix, 1.0), **kw)
+    assert all(evaluate(p, detect(w)).score == 0.0 for p, w in zip(prompts, washed, strict=True))
+    _, half = make_pairs(200, np.random.default_rng(1), mix, washout={"two_object": 1.0}, **kw)
+    faded = [np.abs(im - grey).max() < 40 for im in half]
+    assert 0.3 < np.mean(faded) < 0.7  # only the two_object half of the mix
+
+
+def test_crowded_pairs_merge_their_objects_and_fail_the_detector():
+    """make_pairs crowds a scene of several objects with probability crowding[family]: every object of the
+    caption is still drawn, centres pulled together until the shapes merge and the detector fails; scenes
+    of one object are never crowded."""
+    from vgrpo.shapes.detector import detect
+    from vgrpo.shapes.reward import evaluate
+    from vgrpo.shapes.prompts import scene_for_prompt
+    from vgrpo.tiny_sd3 import crowd, make_pairs, pretraining_prompts
+
+    mix = {"single_object": 0.3, "two_object": 0.3, "counting": 0.4}
+    kw = {"sides": (20.0, 28.0), "layout": "slots"}
+    prompts, crowded = make_pairs(60, np.random.default_rng(0), mix, crowding=dict.fromkeys(mix, 1.0), **kw)
+    for p, im in zip(prompts, crowded, strict=True):
+        single = p in pretraining_prompts()["single_object"]
+        assert evaluate(p, detect(im)).score == (1.0 if single else 0.0), p
+    scene = scene_for_prompt("a photo of a red circle and a blue square", np.random.default_rng(1), **kw)
+    moved = crowd(scene, 0.5)
+    centre = np.mean([[o.cx, o.cy] for o in scene.objects], axis=0)
+    for a, b in zip(scene.objects, moved.objects, strict=True):
+        assert (a.shape, a.color, a.size) == (b.shape, b.color, b.size)
+        assert np.allclose([b.cx - centre[0], b.cy - centre[1]], [0.5 * (a.cx - centre[0]), 0.5 * (a.cy - centre[1])])
+
+
 def test_pretrain_recipe_overrides_are_checked():
     """`vgrpo pretrain-tiny --set KEY=VALUE`: JSON values become PretrainConfig fields; an unknown key, a
     value of the wrong kind or an unknown layout fails at once, naming the key."""
@@ -176,3 +227,7 @@ def test_pretrain_recipe_overrides_are_checked():
         PretrainConfig(layout="grid")
     with pytest.raises(ValueError, match="caption_noise"):
         PretrainConfig(caption_noise={"colors": 1.5})
+    with pytest.raises(ValueError, match="crowding"):
+        PretrainConfig(crowding={"colors": -0.1})
+    with pytest.raises(ValueError, match="washout"):
+        PretrainConfig(washout={"portraits": 0.5})

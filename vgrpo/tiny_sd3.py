@@ -34,6 +34,7 @@ docs/training.md what RL does on it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -48,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from vgrpo.policy import AutoencoderKL, StableDiffusion3Pipeline
+from vgrpo.shapes.spec import BACKGROUND, Scene
 
 CLIPTokenizer = Any  # transformers.CLIPTokenizer (lazily imported, opaque to mypy)
 
@@ -116,6 +118,17 @@ class PretrainConfig:
     # colours): the base model then knows every object and attribute but follows compositions only some of
     # the time, a choice that RL can sharpen -- as a web-trained model's caption noise leaves SD3.5 on GenEval
     caption_noise: dict[str, float] = field(default_factory=dict)
+    # P(the image of a pair is washed out), by family: its colours faded towards the grey background to
+    # ``washout_contrast`` of their contrast, as web data holds low-contrast photos. Unlike caption noise a
+    # washed-out image still shows its caption, so CFG does not remove the mode (cond and uncond branches
+    # hold it alike) while the detector fails on it: a prompt-independent defect that RL can train away
+    washout: dict[str, float] = field(default_factory=dict)
+    washout_contrast: float = 0.25
+    # P(the objects of a multi-object scene are crowded together), by family: their centres pulled towards
+    # their mean by ``crowding_factor`` so that they overlap and merge, as real models fuse objects; the
+    # caption's objects are all still there, so CFG keeps the mode while the detector fails on it
+    crowding: dict[str, float] = field(default_factory=dict)
+    crowding_factor: float = 0.5
     # the side range (px at 64) of the pretraining scenes' objects (the spec's is 12-28)
     sides: tuple[float, float] = (12.0, 28.0)
     # where the pretraining scenes put their objects: "random" (anywhere the spec allows) or "slots"
@@ -134,11 +147,15 @@ class PretrainConfig:
 
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout = {self.layout!r}: want one of {', '.join(LAYOUTS)}")
-        bad = {f: p for f, p in self.caption_noise.items() if f not in self.family_mix or not 0 <= p <= 1}
-        if bad:
-            raise ValueError(
-                f"caption_noise {bad}: want {{family: probability in [0, 1]}}, families {list(self.family_mix)}"
-            )
+        for name in ("caption_noise", "washout", "crowding"):
+            rates = getattr(self, name)
+            bad = {f: p for f, p in rates.items() if f not in self.family_mix or not 0 <= p <= 1}
+            if bad:
+                raise ValueError(
+                    f"{name} {bad}: want {{family: probability in [0, 1]}}, families {list(self.family_mix)}"
+                )
+        if not 0 <= self.washout_contrast <= 1:
+            raise ValueError(f"washout_contrast = {self.washout_contrast}: want a fraction in [0, 1]")
 
 
 def recipe_overrides(sets: Sequence[str]) -> dict[str, Any]:
@@ -384,6 +401,22 @@ def pretraining_prompts() -> dict[str, list[str]]:
     return pool
 
 
+def wash_out(image_hwc: np.ndarray, contrast: float) -> np.ndarray:
+    """``image`` with every pixel's offset from the background grey scaled by ``contrast``."""
+    grey = np.asarray(BACKGROUND, np.float32)
+    return np.clip(grey + contrast * (image_hwc.astype(np.float32) - grey), 0, 255).round().astype(np.uint8)
+
+
+def crowd(scene: Scene, factor: float) -> Scene:
+    """``scene`` with its objects' centres pulled towards their mean, to ``factor`` of their offsets."""
+    mx = float(np.mean([o.cx for o in scene.objects]))
+    my = float(np.mean([o.cy for o in scene.objects]))
+    moved = [
+        dataclasses.replace(o, cx=mx + factor * (o.cx - mx), cy=my + factor * (o.cy - my)) for o in scene.objects
+    ]
+    return Scene(objects=moved, size=scene.size)
+
+
 def make_pairs(
     n: int,
     rng: np.random.Generator,
@@ -392,14 +425,22 @@ def make_pairs(
     caption_noise: dict[str, float] | None = None,
     sides: tuple[float, float] = (12.0, 28.0),
     layout: str = "random",
+    washout: dict[str, float] | None = None,
+    washout_contrast: float = 0.25,
+    crowding: dict[str, float] | None = None,
+    crowding_factor: float = 0.5,
 ) -> tuple[list[str], np.ndarray]:
     """``n`` (prompt, image) pairs: a family drawn by ``family_mix``, a caption of that family from
     :func:`pretraining_prompts`, and a fresh random scene that passes it (``scene_for_prompt``) -- or, with
-    probability ``caption_noise[family]``, one that passes a near miss of it (``near_miss_prompt``)."""
+    probability ``caption_noise[family]``, one that passes a near miss of it (``near_miss_prompt``); with
+    probability ``washout[family]`` the image is then washed out (:func:`wash_out`), with probability
+    ``crowding[family]`` a scene of several objects is crowded (:func:`crowd`)."""
     from vgrpo.shapes.prompts import near_miss_prompt, scene_for_prompt
     from vgrpo.shapes.render import render_scene
 
     noise = caption_noise or {}
+    wash = washout or {}
+    crowd_p = crowding or {}
     by_family = pretraining_prompts()
     families = [f for f in family_mix if by_family.get(f)]
     p = np.array([family_mix[f] for f in families], dtype=np.float64)
@@ -416,7 +457,11 @@ def make_pairs(
         scene = scene_for_prompt(
             drawn, rng, size=IMAGE_SIZE, max_distractors=max_distractors, sides=sides, layout=layout
         )
+        if len(scene.objects) > 1 and crowd_p.get(fam, 0.0) > 0 and rng.random() < crowd_p[fam]:
+            scene = crowd(scene, crowding_factor)
         images[i] = render_scene(scene)
+        if wash.get(fam, 0.0) > 0 and rng.random() < wash[fam]:
+            images[i] = wash_out(images[i], washout_contrast)
     return prompts, images
 
 
@@ -626,14 +671,17 @@ def pretrain(
         cfg.caption_noise,
         tuple(cfg.sides),  # type: ignore[arg-type]
         cfg.layout,
+        cfg.washout,
+        cfg.washout_contrast,
+        cfg.crowding,
+        cfg.crowding_factor,
     )
+    if cfg.device != "cpu":
+        pipe.to(cfg.device)
     with torch.no_grad():
         latents = torch.cat(
             [encode_images(pipe.vae, images[i : i + 256]) for i in range(0, len(images), 256)]
         )
-    if cfg.device != "cpu":
-        pipe.to(cfg.device)
-        latents = latents.to(cfg.device)
 
     def checkpoint(step: int, ema_pipe: StableDiffusion3Pipeline) -> None:
         save_pipeline(ema_pipe, out / f"ckpt_{step}")
