@@ -162,9 +162,7 @@ def test_washed_out_pairs_keep_their_caption_but_fail_the_detector():
     from vgrpo.shapes.detector import detect
     from vgrpo.shapes.reward import evaluate
     from vgrpo.shapes.spec import BACKGROUND
-    from vgrpo.tiny_sd3 import make_pairs
-
-    from vgrpo.tiny_sd3 import wash_out
+    from vgrpo.tiny_sd3 import make_pairs, wash_out
 
     mix = {"single_object": 0.5, "two_object": 0.5}
     kw = {"caption_noise": {}, "sides": (16.0, 28.0), "layout": "slots"}
@@ -188,8 +186,8 @@ def test_crowded_pairs_merge_their_objects_and_fail_the_detector():
     caption is still drawn, centres pulled together until the shapes merge and the detector fails; scenes
     of one object are never crowded."""
     from vgrpo.shapes.detector import detect
-    from vgrpo.shapes.reward import evaluate
     from vgrpo.shapes.prompts import scene_for_prompt
+    from vgrpo.shapes.reward import evaluate
     from vgrpo.tiny_sd3 import crowd, make_pairs, pretraining_prompts
 
     mix = {"single_object": 0.3, "two_object": 0.3, "counting": 0.4}
@@ -203,7 +201,9 @@ def test_crowded_pairs_merge_their_objects_and_fail_the_detector():
     centre = np.mean([[o.cx, o.cy] for o in scene.objects], axis=0)
     for a, b in zip(scene.objects, moved.objects, strict=True):
         assert (a.shape, a.color, a.size) == (b.shape, b.color, b.size)
-        assert np.allclose([b.cx - centre[0], b.cy - centre[1]], [0.5 * (a.cx - centre[0]), 0.5 * (a.cy - centre[1])])
+        assert np.allclose(
+            [b.cx - centre[0], b.cy - centre[1]], [0.5 * (a.cx - centre[0]), 0.5 * (a.cy - centre[1])]
+        )
 
 
 def test_pretrain_recipe_overrides_are_checked():

@@ -417,7 +417,8 @@ def crowd(scene: Scene, factor: float) -> Scene:
     mx = float(np.mean([o.cx for o in scene.objects]))
     my = float(np.mean([o.cy for o in scene.objects]))
     moved = [
-        dataclasses.replace(o, cx=mx + factor * (o.cx - mx), cy=my + factor * (o.cy - my)) for o in scene.objects
+        dataclasses.replace(o, cx=mx + factor * (o.cx - mx), cy=my + factor * (o.cy - my))
+        for o in scene.objects
     ]
     return Scene(objects=moved, size=scene.size)
 
