@@ -32,8 +32,9 @@ and composes well when it spreads its objects apart, which it does only some of 
 defects were tried and measured, and are kept as knobs: ``caption_noise`` (a near miss of the caption drawn
 instead, by family) and ``washout`` (low-contrast images); CFG at w = 5 removes most of both (a near miss
 looks like a true image of another caption, which guidance steers away from; guidance restores contrast),
-while a crowded image still shows every object of its caption and keeps its share under guidance. Its ``pretrain.json`` lists the seven stages' commands, times and held-out scores;
-docs/training.md what RL does on it.
+while a crowded image still shows every object of its caption and keeps its share under guidance. Its
+``pretrain.json`` lists the seven stages' commands, times and held-out scores; docs/training.md what RL
+does on it.
 """
 
 from __future__ import annotations
@@ -124,9 +125,9 @@ class PretrainConfig:
     # the time, a choice that RL can sharpen -- as a web-trained model's caption noise leaves SD3.5 on GenEval
     caption_noise: dict[str, float] = field(default_factory=dict)
     # P(the image of a pair is washed out), by family: its colours faded towards the grey background to
-    # ``washout_contrast`` of their contrast, as web data holds low-contrast photos. Unlike caption noise a
-    # washed-out image still shows its caption, so CFG does not remove the mode (cond and uncond branches
-    # hold it alike) while the detector fails on it: a prompt-independent defect that RL can train away
+    # ``washout_contrast`` of their contrast, as web data holds low-contrast photos; the detector fails on
+    # them. Measured (docs/training.md, session 5): CFG at w = 5 restores the contrast, so the mode shows
+    # only without guidance; not used by the shipped recipe
     washout: dict[str, float] = field(default_factory=dict)
     washout_contrast: float = 0.25
     # P(the objects of a multi-object scene are crowded together), by family: their centres pulled towards
@@ -159,8 +160,9 @@ class PretrainConfig:
                 raise ValueError(
                     f"{name} {bad}: want {{family: probability in [0, 1]}}, families {list(self.family_mix)}"
                 )
-        if not 0 <= self.washout_contrast <= 1:
-            raise ValueError(f"washout_contrast = {self.washout_contrast}: want a fraction in [0, 1]")
+        for name in ("washout_contrast", "crowding_factor"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} = {getattr(self, name)}: want a fraction in [0, 1]")
 
 
 def recipe_overrides(sets: Sequence[str]) -> dict[str, Any]:
