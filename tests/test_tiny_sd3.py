@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -231,3 +232,60 @@ def test_pretrain_recipe_overrides_are_checked():
         PretrainConfig(crowding={"colors": -0.1})
     with pytest.raises(ValueError, match="washout"):
         PretrainConfig(washout={"portraits": 0.5})
+
+
+def test_shipped_recipe_restates_the_recorded_stages():
+    """`--recipe shipped` is the seven commands of the shipped weights' pretrain.json in one: each of its
+    stages has exactly the config recorded for that stage (seed, data, schedule, device, threads)."""
+    from vgrpo.tiny_sd3 import RECIPES, recipe_config
+
+    record = json.loads((policy.builtin_tiny_path() / "pretrain.json").read_text())
+    recorded = [record["stage_1_2_config"], *record["stage_configs"].values()]
+    cfg = recipe_config("shipped")
+    assert cfg.stages == len(recorded) == 1 + len(RECIPES["shipped"]["then"])
+    for k, want in enumerate(recorded):
+        got = asdict(cfg.stage(k))
+        diff = {
+            f: (got[f], v)
+            for f, v in want.items()
+            if f != "checkpoint_every" and json.dumps(got[f]) != json.dumps(v)
+        }
+        assert not diff, f"stage {k}: {diff}"
+
+
+def test_later_stages_are_checked_and_take_their_own_seed():
+    from vgrpo.tiny_sd3 import PretrainConfig, recipe_config
+
+    cfg = PretrainConfig(seed=5, flow_lr=2e-3, then=[{"flow_steps": 7}, {"seed": 1, "layout": "slots"}])
+    assert [cfg.stage(k).seed for k in range(3)] == [5, 6, 1]
+    assert (cfg.stage(1).flow_steps, cfg.stage(1).flow_lr) == (7, 2e-3)  # the rest from the first stage
+    assert cfg.stage(2).flow_steps == cfg.flow_steps and cfg.stage(2).then == []
+    with pytest.raises(ValueError, match="vae_steps"):
+        PretrainConfig(then=[{"vae_steps": 3}])
+    with pytest.raises(ValueError, match=r"then\[0\].*crowding"):
+        PretrainConfig(then=[{"crowding": {"portraits": 0.5}}])
+    with pytest.raises(ValueError, match="cpu-hour"):
+        recipe_config("fast")
+
+
+def test_a_later_stage_is_the_same_as_a_separate_init_from_run(tmp_path):
+    """One command with `then` == the same stages run as separate commands (`init_from`), weight for
+    weight: the recipe's stages keep the random streams of standalone runs with their seeds."""
+    from safetensors.torch import load_file
+
+    from vgrpo.tiny_sd3 import PretrainConfig, pretrain
+
+    vae = policy.builtin_tiny_path() / "vae"
+    small = {"flow_pairs": 64, "flow_steps": 3, "flow_batch": 4, "num_threads": 1}
+    later = {**small, "seed": 4, "layout": "slots", "crowding": {"two_object": 1.0}, "flow_lr": 3e-3}
+    quiet = lambda _m: None  # noqa: E731
+    pretrain(tmp_path / "one", seed=2, config=PretrainConfig(**small, then=[later]), vae_from=vae, log=quiet)
+    pretrain(tmp_path / "a", seed=2, config=PretrainConfig(**small), vae_from=vae, log=quiet)
+    pretrain(tmp_path / "b", seed=4, config=PretrainConfig(**later), init_from=tmp_path / "a", log=quiet)
+    for part in ("transformer", "text_encoder", "text_encoder_2"):
+        one = load_file(next((tmp_path / "one" / part).glob("*.safetensors")))
+        two = load_file(next((tmp_path / "b" / part).glob("*.safetensors")))
+        first = load_file(next((tmp_path / "a" / part).glob("*.safetensors")))
+        assert one.keys() == two.keys()
+        assert all(torch.equal(one[k], two[k]) for k in one), part
+        assert not all(torch.equal(one[k], first[k]) for k in one), part  # the later stage did train

@@ -64,6 +64,12 @@ def pretrain_tiny_cmd(
         "--out",
         help="folder to write the diffusers pipeline to (the shipped one: vgrpo/assets/tiny_sd3)",
     ),
+    recipe: str = typer.Option(
+        "cpu-hour",
+        "--recipe",
+        help="cpu-hour (from scratch, < 1 h on 2 CPU cores), shipped (the shipped weights' seven stages, "
+        "one on a GPU) or base (one plain stage, e.g. a refinement with --init-from)",
+    ),
     seed: int = typer.Option(0, "--seed", help="seed of the whole recipe (data, init, noise)"),
     checkpoint_every: int = typer.Option(
         0, "--checkpoint-every", help="also save the EMA pipeline every N flow steps"
@@ -71,8 +77,12 @@ def pretrain_tiny_cmd(
     init_from: Path | None = typer.Option(
         None, "--init-from", help="refine a saved pipeline (stage 2 only, its VAE reused)"
     ),
-    flow_steps: int | None = typer.Option(None, "--flow-steps", min=1, help="stage-2 steps"),
-    flow_lr: float | None = typer.Option(None, "--flow-lr", min=0.0, help="stage-2 learning rate"),
+    flow_steps: int | None = typer.Option(
+        None, "--flow-steps", min=1, help="stage-2 steps (of its first stage)"
+    ),
+    flow_lr: float | None = typer.Option(
+        None, "--flow-lr", min=0.0, help="stage-2 learning rate (of its first stage)"
+    ),
     sets: list[str] | None = typer.Option(
         None,
         "--set",
@@ -81,20 +91,22 @@ def pretrain_tiny_cmd(
     ),
 ) -> None:
     """Rebuild the tiny SD3 model of the embedded default from a seed (VAE, then transformer + text encoders)."""
-    from vgrpo.tiny_sd3 import PretrainConfig, pretrain, recipe_overrides
+    from vgrpo.tiny_sd3 import pretrain, recipe_config
 
     def log(message: str) -> None:
         typer.echo(message)
 
+    stage0 = {"flow_steps": flow_steps, "flow_lr": flow_lr}
     try:
-        cfg = PretrainConfig(checkpoint_every=checkpoint_every, **recipe_overrides(sets or []))
+        cfg = recipe_config(
+            recipe,
+            sets or [],
+            checkpoint_every=checkpoint_every,
+            **{k: v for k, v in stage0.items() if v is not None},
+        )
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    if flow_steps is not None:
-        cfg.flow_steps = flow_steps
-    if flow_lr is not None:
-        cfg.flow_lr = flow_lr
     path = pretrain(out, seed=seed, config=cfg, log=log, init_from=init_from)
     typer.echo(f"saved the tiny SD3 pipeline to {path}; evaluate it with: vgrpo eval --model {path}")
 

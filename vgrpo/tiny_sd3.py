@@ -20,7 +20,12 @@ Pretraining (``pretrain``) has two stages, each with its own seeded RNG streams:
    on pairs ``(render(scene_for_prompt(p)), p)`` (the training split plus the six single-object captions,
    see :func:`pretraining_prompts`), 10 % caption dropout (CFG possible), constant learning rate and an
    EMA of the weights (the shipped weights are the EMA; with a constant rate, the checkpoint at step N is
-   the model of a run with ``flow_steps = N``).
+   the model of a run with ``flow_steps = N``). Stage 2 may go on in later stages (``then``), each from
+   the previous one's EMA weights with its own data and schedule, exactly as separate ``init_from`` runs.
+
+Named recipes (:data:`RECIPES`, ``vgrpo pretrain-tiny --recipe``): ``cpu-hour`` (the default) rebuilds a
+model to the spec from scratch on the 2-core CPU in under an hour; ``shipped`` is the seven stages that made
+the shipped weights (one on a GPU, see below).
 
 The training mix is skewed to single-object and colour captions, so that the model learns shapes and
 colours before composition. The shipped model adds refinement stages (``init_from``) with more knobs:
@@ -147,6 +152,12 @@ class PretrainConfig:
     # one intra-op thread: measured on the shared 2-core machine, 2 threads ran 4-7x SLOWER than 1 when
     # another process held a core (oversubscription); None leaves torch's default
     num_threads: int | None = 1
+    # later stages of stage 2, in order: each a dict of the fields that differ from this (the first)
+    # stage's -- not cumulative: a stage restates what it shares with the one before. Stage k starts from
+    # stage k-1's EMA weights with a fresh optimiser, warm-up and EMA, exactly as a separate run with
+    # ``init_from`` does, and with the random streams of such a run with its seed (default: this stage's
+    # seed + k). The VAE fields belong to stage 1 alone
+    then: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from vgrpo.shapes.render import LAYOUTS
@@ -163,6 +174,102 @@ class PretrainConfig:
         for name in ("washout_contrast", "crowding_factor"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: want a fraction in [0, 1]")
+        for k, over in enumerate(self.then, start=1):
+            if not isinstance(over, dict):
+                raise ValueError(f"then[{k - 1}] = {over!r}: want a dict of PretrainConfig fields")
+            stage_one = {"then"} | {f.name for f in dataclasses.fields(self) if f.name.startswith("vae_")}
+            wrong = sorted(set(over) - ({f.name for f in dataclasses.fields(self)} - stage_one))
+            if wrong:
+                raise ValueError(
+                    f"then[{k - 1}] sets {wrong}: a later stage may set the stage-2 fields (seed, flow_*, "
+                    f"layout, crowding, device, ...), not {', '.join(sorted(stage_one))}"
+                )
+            try:
+                self.stage(k)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"then[{k - 1}]: {e}") from None
+
+    def stage(self, k: int) -> PretrainConfig:
+        """The config of stage-2 stage ``k`` (0: this one; k >= 1: ``then[k-1]`` applied to this one, the
+        seed ``seed + k`` unless it sets one)."""
+        if k == 0:
+            return self
+        over: dict[str, Any] = {"seed": self.seed + k, **self.then[k - 1]}
+        if "sides" in over:
+            over["sides"] = tuple(over["sides"])
+        return dataclasses.replace(self, then=[], **over)
+
+    @property
+    def stages(self) -> int:
+        return 1 + len(self.then)
+
+
+CROWDED = {"two_object": 0.8, "counting": 0.8, "color_attr": 0.8, "position": 0.8}
+CAPTION_NOISE = {
+    "single_object": 0.25,
+    "colors": 0.4,
+    "two_object": 0.5,
+    "counting": 0.5,
+    "position": 0.5,
+    "color_attr": 0.5,
+}
+# Named recipes of `vgrpo pretrain-tiny --recipe NAME`: PretrainConfig fields, the later stages in `then`.
+RECIPES: dict[str, dict[str, Any]] = {
+    # the plain PretrainConfig defaults (the first stage of "shipped"; a refinement stage with --init-from)
+    "base": {},
+    # from scratch on the 2-core CPU in under an hour (VAE, 8400 slot-layout steps at lr 2e-3, then the
+    # crowding defect): the default of `vgrpo pretrain-tiny`, see docs/training.md "A one-hour recipe"
+    "cpu-hour": {
+        "num_threads": 2,
+        "layout": "slots",
+        "flow_pairs": 48000,
+        "flow_steps": 8400,
+        "flow_lr": 2e-3,
+        "warmup_steps": 200,
+        "then": [{"num_threads": 2, "layout": "slots", "crowding": CROWDED, "flow_steps": 800}],
+    },
+    # the seven stages that made the shipped weights (their pretrain.json), in one command; stage 6 on a
+    # GPU (5000 steps of batch 256: ~1.8 h on the 2-core CPU), the whole about 2.5 h of CPU besides
+    "shipped": {
+        "flow_steps": 8000,
+        "then": [
+            {"seed": 1, "flow_steps": 3000, "flow_lr": 3e-4},
+            {
+                "seed": 3,
+                "flow_steps": 3000,
+                "caption_noise": CAPTION_NOISE,
+                "layout": "slots_compact",
+                "num_threads": 2,
+            },
+            {
+                "seed": 3,
+                "flow_steps": 3000,
+                "caption_noise": CAPTION_NOISE,
+                "layout": "slots",
+                "num_threads": 2,
+            },
+            {
+                "seed": 11,
+                "flow_pairs": 96000,
+                "flow_steps": 5000,
+                "flow_batch": 256,
+                "warmup_steps": 200,
+                "layout": "slots",
+                "device": "cuda",
+                "num_threads": 2,
+            },
+            {"seed": 8, "flow_steps": 800, "crowding": CROWDED, "layout": "slots", "num_threads": 2},
+        ],
+    },
+}
+
+
+def recipe_config(name: str, sets: Sequence[str] = (), **fields: Any) -> PretrainConfig:
+    """The PretrainConfig of recipe ``name`` with ``--set`` strings and ``fields`` applied on top (the
+    first stage's fields; a later stage keeps its own values for those it sets)."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r} does not exist; fix: one of {', '.join(RECIPES)}")
+    return PretrainConfig(**{**copy.deepcopy(RECIPES[name]), **recipe_overrides(sets), **fields})
 
 
 def recipe_overrides(sets: Sequence[str]) -> dict[str, Any]:
@@ -572,6 +679,7 @@ def train_flow(
     ema_pipe = copy.deepcopy(pipe)
     ema = torch.nn.ModuleList([ema_pipe.transformer, ema_pipe.text_encoder, ema_pipe.text_encoder_2])
     ema.requires_grad_(False)
+    trained.requires_grad_(True)  # a later stage trains the previous stage's (frozen) EMA copy
     trained.train()
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.flow_lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -641,8 +749,6 @@ def pretrain(
     after a constant-rate run (the shipped model's recipe, see its ``pretrain.json``)."""
     from diffusers import AutoencoderKL as VAE
 
-    from vgrpo.policy import encode_images
-
     cfg = copy.deepcopy(config) if config is not None else PretrainConfig()
     cfg.seed = seed
     if cfg.num_threads:
@@ -670,41 +776,67 @@ def pretrain(
         f"vae done in {t_vae:.0f}s: shift {pipe.vae.config.shift_factor:.4f} scale {pipe.vae.config.scaling_factor:.4f}"
     )
 
-    log(f"rendering {cfg.flow_pairs} (prompt, image) pairs")
-    prompts, images = make_pairs(
-        cfg.flow_pairs,
-        np.random.default_rng([seed, 2]),
-        cfg.family_mix,
-        cfg.max_distractors,
-        cfg.caption_noise,
-        tuple(cfg.sides),  # type: ignore[arg-type]
-        cfg.layout,
-        cfg.washout,
-        cfg.washout_contrast,
-        cfg.crowding,
-        cfg.crowding_factor,
-    )
-    if cfg.device != "cpu":
-        pipe.to(cfg.device)
-    with torch.no_grad():
-        latents = torch.cat(
-            [encode_images(pipe.vae, images[i : i + 256]) for i in range(0, len(images), 256)]
-        )
-
-    def checkpoint(step: int, ema_pipe: StableDiffusion3Pipeline) -> None:
-        save_pipeline(ema_pipe, out / f"ckpt_{step}")
-        log(f"checkpoint {out / f'ckpt_{step}'}")
-
-    ema_pipe = train_flow(pipe, prompts, latents, cfg, log, on_checkpoint=checkpoint)
-    ema_pipe.to("cpu")
-    save_pipeline(ema_pipe, out)
+    stage_s: list[float] = []
+    for k in range(cfg.stages):
+        t_stage = time.perf_counter()
+        if k > 0:  # from the previous stage's EMA weights, as `init_from` does
+            log(f"stage 2.{k}: {json.dumps(cfg.then[k - 1])}")
+        pipe = _train_stage(pipe, cfg.stage(k), k, out, log)  # the stage's EMA weights
+        stage_s.append(round(time.perf_counter() - t_stage, 1))
+        if k + 1 < cfg.stages and cfg.checkpoint_every:
+            save_pipeline(pipe, out / f"stage_{k}")
+            log(f"stage 2.{k} saved to {out / f'stage_{k}'}")
+    pipe.to("cpu")
+    save_pipeline(pipe, out)
     total = time.perf_counter() - t_start
-    record = {"config": asdict(cfg), "vae_s": round(t_vae, 1), "total_s": round(total, 1)}
+    record = {
+        "config": asdict(cfg),
+        "vae_s": round(t_vae, 1),
+        "stage_s": stage_s,
+        "total_s": round(total, 1),
+    }
     if init_from is not None:
         record["init_from"] = str(init_from)
     (out / "pretrain.json").write_text(json.dumps(record, indent=2))
     log(f"saved {out} in {total:.0f}s")
     return out
+
+
+def _train_stage(
+    pipe: StableDiffusion3Pipeline, cfg: PretrainConfig, k: int, out: Path, log: Callable[[str], None]
+) -> StableDiffusion3Pipeline:
+    """Stage 2.k of ``pretrain`` (``cfg`` its own config): draws its pairs, encodes them with the frozen
+    VAE and trains; returns the EMA pipeline. Its random streams depend on ``cfg.seed`` alone."""
+    from vgrpo.policy import encode_images
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    pipe.to(cfg.device)
+    log(f"rendering {cfg.flow_pairs} (prompt, image) pairs")
+    prompts, images = make_pairs(
+        cfg.flow_pairs,
+        np.random.default_rng([cfg.seed, 2]),
+        cfg.family_mix,
+        max_distractors=cfg.max_distractors,
+        caption_noise=cfg.caption_noise,
+        sides=tuple(cfg.sides),  # type: ignore[arg-type]
+        layout=cfg.layout,
+        washout=cfg.washout,
+        washout_contrast=cfg.washout_contrast,
+        crowding=cfg.crowding,
+        crowding_factor=cfg.crowding_factor,
+    )
+    with torch.no_grad():
+        latents = torch.cat(
+            [encode_images(pipe.vae, images[i : i + 256]) for i in range(0, len(images), 256)]
+        )
+    prefix = "" if k == 0 else f"s{k}_"
+
+    def checkpoint(step: int, ema_pipe: StableDiffusion3Pipeline) -> None:
+        save_pipeline(ema_pipe, out / f"ckpt_{prefix}{step}")
+        log(f"checkpoint {out / f'ckpt_{prefix}{step}'}")
+
+    return train_flow(pipe, prompts, latents, cfg, log, on_checkpoint=checkpoint)
 
 
 @torch.no_grad()
