@@ -85,6 +85,16 @@ def test_encode_decode_round_trip_keeps_a_rendered_scene(pipe):
     assert recon.shape == images.shape and err.mean() < 4.0, err.mean()
 
 
+def test_the_vae_alone_keeps_the_detectors_verdict_on_held_out_scenes(pipe):
+    """Issue 5's bar: encode -> decode of rendered held-out scenes keeps the detector's verdict on >= 95 %,
+    so that what limits the score is the policy, not the decoder."""
+    from vgrpo.evaluate import load_prompt_rows
+    from vgrpo.tiny_sd3 import vae_verdict_preservation
+
+    got = vae_verdict_preservation(pipe.vae, load_prompt_rows("builtin:shapes/heldout"), scenes_per_prompt=1)
+    assert got["scenes"] == 92 and got["verdict_preserved"] >= 0.95, got
+
+
 def test_velocity_feeds_1000_sigma(pipe):
     x = torch.randn(2, 4, 16, 16)
     embeds, pooled = policy.encode_prompts(pipe, ["a photo of a ring", "a photo of a ring"])
