@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -455,7 +456,7 @@ def main() -> None:
     if args.ablation:
         entries += [(lab, ["algorithm.name=vgrpo", *s]) for lab, s in ABLATION.items()]
     if args.only:
-        wanted = set(args.only.split(","))
+        wanted = set(re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.only))  # labels may hold commas in [...]
         unknown = wanted - {lab for lab, _ in entries}
         if unknown:
             raise SystemExit(f"--only: no entry {sorted(unknown)}; entries: {[lab for lab, _ in entries]}")
