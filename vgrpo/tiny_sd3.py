@@ -218,7 +218,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the plain PretrainConfig defaults (the first stage of "shipped"; a refinement stage with --init-from)
     "base": {},
     # from scratch on the 2-core CPU in under an hour (VAE, 8400 slot-layout steps at lr 2e-3, then the
-    # crowding defect): the default of `vgrpo pretrain-tiny`, see docs/training.md "A one-hour recipe"
+    # crowding defect): the default of `vgrpo pretrain-tiny`, see docs/training.md "A one-hour CPU recipe"
     "cpu-hour": {
         "num_threads": 2,
         "layout": "slots",
@@ -229,7 +229,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "then": [{"num_threads": 2, "layout": "slots", "crowding": CROWDED, "flow_steps": 800}],
     },
     # the seven stages that made the shipped weights (their pretrain.json), in one command; stage 6 on a
-    # GPU (5000 steps of batch 256: ~1.8 h on the 2-core CPU), the whole about 2.5 h of CPU besides
+    # GPU (5000 steps of batch 256: ~1.8 h on the 2-core CPU), the others about 2 h of CPU
     "shipped": {
         "flow_steps": 8000,
         "then": [
@@ -741,8 +741,10 @@ def pretrain(
     vae_from: str | Path | None = None,
     init_from: str | Path | None = None,
 ) -> Path:
-    """Rebuild the shipped tiny model from ``seed``: VAE, then transformer + text encoders; saves the
-    diffusers folder to ``out_dir`` (plus ``pretrain.json`` with the config and timings). ``vae_from``
+    """Build a tiny model from ``seed`` by ``config`` (a :data:`RECIPES` entry through
+    :func:`recipe_config`, or any PretrainConfig): VAE, then transformer + text encoders, stage by stage
+    (``config.then``); saves the diffusers folder to ``out_dir`` (plus ``pretrain.json`` with the config
+    and timings; with ``checkpoint_every`` also every stage but the last under ``stage_<k>``). ``vae_from``
     reuses a stage-1 VAE saved by an earlier run with the same seed (each stage has its own RNG streams,
     so the result is the same as running both). ``init_from`` starts stage 2 from a saved pipeline's
     transformer and text encoders (and takes its VAE): a refinement stage, e.g. a lower learning rate
