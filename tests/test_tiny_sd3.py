@@ -299,3 +299,17 @@ def test_a_later_stage_is_the_same_as_a_separate_init_from_run(tmp_path):
         assert one.keys() == two.keys()
         assert all(torch.equal(one[k], two[k]) for k in one), part
         assert not all(torch.equal(one[k], first[k]) for k in one), part  # the later stage did train
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without CUDA")
+def test_a_gpu_stage_without_a_gpu_fails_before_anything_runs(tmp_path):
+    """`--recipe shipped` has a CUDA stage (its sixth): without CUDA it fails at once, naming the stage and
+    the fix, instead of after the hours of CPU stages before it."""
+    from typer.testing import CliRunner
+
+    from vgrpo.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain-tiny", "--recipe", "shipped", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "stage 2.4" in result.output and "device='cuda'" in result.output and "fix:" in result.output
+    assert not (tmp_path / "m" / "vae").exists()

@@ -107,7 +107,11 @@ def pretrain_tiny_cmd(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    path = pretrain(out, seed=seed, config=cfg, log=log, init_from=init_from)
+    try:
+        path = pretrain(out, seed=seed, config=cfg, log=log, init_from=init_from)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"saved the tiny SD3 pipeline to {path}; evaluate it with: vgrpo eval --model {path}")
 
 

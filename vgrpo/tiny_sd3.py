@@ -753,6 +753,14 @@ def pretrain(
 
     cfg = copy.deepcopy(config) if config is not None else PretrainConfig()
     cfg.seed = seed
+    for k in range(cfg.stages):  # before hours of the stages that could run: a GPU stage needs a GPU
+        device = cfg.stage(k).device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"stage 2.{k} has device={device!r} but torch sees no CUDA device here; fix: run the recipe "
+                "on a GPU machine, or the stages before it one by one (--recipe base, the commands in the "
+                "shipped pretrain.json) and that stage where a GPU is"
+            )
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(out_dir)
