@@ -174,11 +174,12 @@ class PretrainConfig:
         for name in ("washout_contrast", "crowding_factor"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: want a fraction in [0, 1]")
+        names = {f.name for f in dataclasses.fields(self)}
+        stage_one = {"then"} | {n for n in names if n.startswith("vae_")}
         for k, over in enumerate(self.then, start=1):
             if not isinstance(over, dict):
                 raise ValueError(f"then[{k - 1}] = {over!r}: want a dict of PretrainConfig fields")
-            stage_one = {"then"} | {f.name for f in dataclasses.fields(self) if f.name.startswith("vae_")}
-            wrong = sorted(set(over) - ({f.name for f in dataclasses.fields(self)} - stage_one))
+            wrong = sorted(set(over) - (names - stage_one))
             if wrong:
                 raise ValueError(
                     f"then[{k - 1}] sets {wrong}: a later stage may set the stage-2 fields (seed, flow_*, "
@@ -753,11 +754,11 @@ def pretrain(
 
     cfg = copy.deepcopy(config) if config is not None else PretrainConfig()
     cfg.seed = seed
-    for k in range(cfg.stages):  # before hours of the stages that could run: a GPU stage needs a GPU
-        device = cfg.stage(k).device
-        if device.startswith("cuda") and not torch.cuda.is_available():
+    stages = [cfg.stage(k) for k in range(cfg.stages)]
+    for k, stage in enumerate(stages):  # before hours of the stages that could run: a GPU stage needs a GPU
+        if stage.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(
-                f"stage 2.{k} has device={device!r} but torch sees no CUDA device here; fix: run the recipe "
+                f"stage 2.{k} has device={stage.device!r} but torch sees no CUDA device here; fix: run the recipe "
                 "on a GPU machine, or the stages before it one by one (--recipe base, the commands in the "
                 "shipped pretrain.json) and that stage where a GPU is"
             )
@@ -787,13 +788,13 @@ def pretrain(
     )
 
     stage_s: list[float] = []
-    for k in range(cfg.stages):
+    for k, stage in enumerate(stages):
         t_stage = time.perf_counter()
         if k > 0:  # from the previous stage's EMA weights, as `init_from` does
             log(f"stage 2.{k}: {json.dumps(cfg.then[k - 1])}")
-        pipe = _train_stage(pipe, cfg.stage(k), k, out, log)  # the stage's EMA weights
+        pipe = _train_stage(pipe, stage, k, out, log)  # the stage's EMA weights
         stage_s.append(round(time.perf_counter() - t_stage, 1))
-        if k + 1 < cfg.stages and cfg.checkpoint_every:
+        if k + 1 < len(stages) and cfg.checkpoint_every:
             save_pipeline(pipe, out / f"stage_{k}")
             log(f"stage 2.{k} saved to {out / f'stage_{k}'}")
     pipe.to("cpu")

@@ -6,9 +6,7 @@
 # Needs .whl/ with the wheels the machine lacks (see rl_sweep.sh); INIT = the pipeline folder to refine (stage 6
 # started from stage 5, see vgrpo/assets/tiny_sd3/pretrain.json). Edit the `run` lines at the end.
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; DEADLINE=${DEADLINE:-480}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r vgrpo /tmp/pkg/ && for d in learner rollout_workers reward_servers proto; do cp -r $d /tmp/pkg/vgrpo/$d; done
-export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
+. benchmarks/device/setup.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 S=/tmp/pt; mkdir -p $S; INIT=${INIT:-$PWD/vgrpo/assets/tiny_sd3}  # the pipeline to refine
 run() {  # NAME JSON-overrides

@@ -11,9 +11,8 @@
 # benchmarks/device/recipe_variants.txt), lines "NAME JSON-PretrainConfig-fields".
 VARIANTS=${VARIANTS:-benchmarks/device/recipe_variants.txt}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; export DEADLINE=${DEADLINE:-470}
-[ -n "$SKIP_INSTALL" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r vgrpo /tmp/pkg/ && for d in learner rollout_workers reward_servers proto; do cp -r $d /tmp/pkg/vgrpo/$d; done
-export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+. benchmarks/device/setup.sh
+export OMP_NUM_THREADS=2
 nvidia-smi --query-gpu=name --format=csv,noheader
 S=/tmp/rs; rm -rf $S; mkdir -p $S; VAE=$PWD/vgrpo/assets/tiny_sd3/vae
 while read -r name over; do

@@ -10,9 +10,8 @@
 VARIANTS=${VARIANTS:-benchmarks/device/rl_variants.txt}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 DEADLINE=${DEADLINE:-500}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r vgrpo /tmp/pkg/ && for d in learner rollout_workers reward_servers proto; do cp -r $d /tmp/pkg/vgrpo/$d; done
-export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/ext OMP_NUM_THREADS=2
+. benchmarks/device/setup.sh
+export TORCH_EXTENSIONS_DIR=/tmp/ext OMP_NUM_THREADS=2
 nproc; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 S=$OUT/runs; mkdir -p $S; rm -rf /tmp/m; cp -r .whl/m /tmp/m
 while read -r name dev thr steps every rest; do
