@@ -1,4 +1,4 @@
-"""Detector accuracy on GenEval-Shapes (GENEVAL_SHAPES.md "Detector"): for each family and corruption,
+"""Detector accuracy on GenEval-Shapes (docs/geneval-shapes.md "Detector"): for each family and corruption,
 the fraction of true scenes whose prompt passes, and of single-clause violations (a prompt one word
 away: a missing object, a wrong colour, count or relation) correctly failed. Seeded; prints a table and
 writes JSON.

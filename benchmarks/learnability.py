@@ -56,8 +56,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(None, args.sets)
     r, d, seed = cfg.rollout, cfg.data, cfg.train.seed
-    noise = cfg.algorithm.flow_grpo.noise_level
-    rollout = RolloutEngine(cfg.model, r, cfg.sampler(), noise_level=noise, seed=seed, device=args.device)
+    noise = float(getattr(cfg.algorithm.params(), "noise_level", 0.7))
+    rollout = RolloutEngine(
+        cfg.model,
+        r,
+        cfg.sampler(),
+        noise_level=noise,
+        sigma_grid=cfg.sigma_grid(),
+        seed=seed,
+        device=args.device,
+    )
     learner = LearnerEngine(
         cfg.model, cfg.learner, cfg.algorithm, r, 0, 1, args.steps, seed=seed, device=args.device
     )
@@ -108,9 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         items = source.next(r.prompts_per_step)
         prompts = [p.prompt for p in items for _ in range(r.group_size)]
+        window = learner.objective.rollout_window(step, r.num_steps, seed)  # MixGRPO, Flow-GRPO-Fast
         batch = rollout.sample(
-            [p.prompt for p in items], r.group_size, derive_seeds(seed, step, len(prompts))
+            [p.prompt for p in items], r.group_size, derive_seeds(seed, step, len(prompts)), window
         )
+        if window is not None:
+            batch["window_start"] = window[0]  # as the driver's collect: learner_shards passes it on
         images = list(batch["images"])
         metadata = [p.metadata for p in items for _ in range(r.group_size)]
         total = np.zeros(len(prompts))

@@ -2,7 +2,7 @@
 
     python benchmarks/toy_objectives.py [--seeds 3] [--target 0.8] [--max-steps 300] [--out FILE]
 
-Each objective runs with its paper-default configuration (ALGORITHMS.md), the toy overrides listed in
+Each objective runs with its paper-default configuration (docs/algorithms.md), the toy overrides listed in
 ``vgrpo.toy.train.TOY_OVERRIDES`` and the per-objective toy learning rate ``TOY_LR``; the held-out score
 is the mean reward of deterministic ODE samples (512, fixed noise), evaluated every 5 steps. Prints a
 table and writes JSON keyed by ``algorithm.name``.
@@ -21,7 +21,7 @@ import torch
 from vgrpo.toy.train import TOY_LR, TOY_OVERRIDES, toy_algorithm, train_toy
 
 PROJECT = Path(__file__).resolve().parents[1]
-NAMES = ("vgrpo", "dgpo", "flow_grpo", "nft")
+NAMES = ("vgrpo", "dgpo", "flow_grpo", "nft", "flow_grpo_fast", "mixgrpo")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Group-relative advantages (ALGORITHMS.md §3)."""
+"""Group-relative advantages (docs/algorithms.md §3)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def group_advantages(
 
     ``norm``: ``group`` divides by the group's own std (DGPO GenEval), ``global_std`` by the std of every
     reward of the iteration (Flow-GRPO, DiffusionNFT), ``none`` leaves A = R - mean_g. Stds are population
-    stds (numpy's default, as the upstreams compute them). Zero-std groups get A = 0 exactly (§3 note a);
+    stds (numpy's default, as Flow-GRPO, DGPO and DiffusionNFT compute them) unless ``std`` is ``sample``
+    (torch's default, as MixGRPO computes them). Zero-std groups get A = 0 exactly (§3 note a);
     their fraction is reported as ``zero_std_frac``.
     """
     rewards_b = rewards_b.double()
@@ -23,12 +24,13 @@ def group_advantages(
     count_g = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(rewards_b))
     mean_g = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, rewards_b) / count_g
     centred_b = rewards_b - mean_g[inverse]
-    var_g = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, centred_b**2) / count_g
-    std_g = var_g.sqrt()
+    sample = cfg.std == "sample"
+    sq_g = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, centred_b**2)
+    std_g = (sq_g / (count_g - 1 if sample else count_g).clamp(min=1)).sqrt()
     if cfg.norm == "group":
         adv_b = centred_b / (std_g[inverse] + cfg.eps)
     elif cfg.norm == "global_std":
-        adv_b = centred_b / (rewards_b.std(unbiased=False) + cfg.eps)
+        adv_b = centred_b / (rewards_b.std(unbiased=sample) + cfg.eps)
     else:
         adv_b = centred_b
     zero_b = (std_g < 1e-12)[inverse]

@@ -45,7 +45,8 @@ class SD3LearnerPolicy:
     """The :class:`FlowPolicy` of the learner: current = the trainable adapter (or the whole transformer),
     old = the frozen ``old`` adapter (or a copy), ref = adapters disabled (or a frozen copy of the base).
     ``cond`` is ``(prompt_embeds_bld, pooled_bd)``; with ``guidance_scale != 1`` every forward applies CFG
-    with the empty-prompt embedding (Flow-GRPO's training forward must match its rollout, §9.3)."""
+    with the empty-prompt embedding (Flow-GRPO's training forward must match its rollout), the
+    unconditional branch detached."""
 
     def __init__(
         self,
@@ -72,7 +73,9 @@ class SD3LearnerPolicy:
         embeds = torch.cat([empty_ld.expand(b, -1, -1).to(embeds_bld), embeds_bld])
         pooled = torch.cat([empty_pooled.expand(b, -1).to(pooled_bd), pooled_bd])
         v_u, v_c = P.velocity(net, torch.cat([x, x]), sigma_b.repeat(2), embeds, pooled).float().chunk(2)
-        return apply_cfg(v_u, v_c, self.guidance_scale)
+        # the unconditional branch is a constant of the update, as upstream Flow-GRPO and DGPO detach it:
+        # the gradient is w grad v_c, not w grad v_c - (w - 1) grad v_u (docs/algorithms.md)
+        return apply_cfg(v_u.detach(), v_c, self.guidance_scale)
 
     def velocity(
         self, x_bchw: torch.Tensor, sigma_b: torch.Tensor, cond: Any, which: Which = "current"
@@ -206,9 +209,10 @@ class LearnerEngine:
             model=transformer, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
         )
         self.module = self.engine.module
-        # CFG inside the training forward: Flow-GRPO's SDE log-prob must match the rollout policy; V-GRPO
-        # may opt in (guided_training); the other objectives train the unguided velocity (ALGORITHMS.md 2.2)
-        guided = self.objective.sampler == "sde" or bool(
+        # CFG inside the training forward: Flow-GRPO's SDE log-prob (and its windowed variants', MixGRPO and
+        # Flow-GRPO-Fast) must match the rollout policy; V-GRPO may opt in (guided_training); the other
+        # objectives train the unguided velocity (docs/algorithms.md §2.2)
+        guided = self.objective.sampler in ("sde", "sde_window") or bool(
             getattr(self.objective.cfg, "guided_training", False)
         )
         uncond = None
@@ -294,12 +298,14 @@ class LearnerEngine:
             self.policy._old_is_current = behaviour == self.version
         elif obj.old_policy == "ema":
             self.policy._old_is_current = self.version == 0
-        batch = self._to_batch(shard)
+        batch, subset_diags = obj.train_subset(self._to_batch(shard))
+        # draws an objective shares across ranks (DGPO's grid times) come from (seed, step) alone
+        batch.extras["step_seed"] = hash((self.seed, step)) & 0x7FFFFFFF
         gen = torch.Generator().manual_seed(hash((self.seed, step, self.rank)) & 0x7FFFFFFF)
         groups = torch.unique(batch.group_ids_b)
         chunks = [groups[i : i + self.micro_groups] for i in range(0, len(groups), self.micro_groups)]
         n_micro = self.grad_accum // obj.num_inner_steps()
-        diags: dict[str, float] = {}
+        diags: dict[str, float] = dict(subset_diags)
         losses = []
         for _inner in range(obj.num_inner_steps()):
             for j in range(n_micro):
@@ -339,16 +345,33 @@ class LearnerEngine:
         return out
 
     def publish(self, keep_history: int) -> dict[str, torch.Tensor]:
-        """The trainable weights of the current version (every rank calls; rank 0's are broadcast); the last
-        ``keep_history`` versions are kept for stale batches and for the behaviour policy."""
-        state = self.get_weights()
+        """The weights the rollout workers sample the current version with (every rank calls; rank 0's are
+        broadcast): the trainable ones, or the objective's old copy where it samples with that
+        (``Objective.rollout_policy``: DiffusionNFT; DGPO after switch_ema_ref). The last ``keep_history``
+        versions are kept for stale batches and for the behaviour policy; train.ema averages the trainable
+        weights either way."""
+        current = self.get_weights()
+        state = self.sampling_weights(current)
         if keep_history > 0:
             self.history[self.version] = state
             for v in [v for v in self.history if v < self.version - keep_history]:
                 del self.history[v]
         if self.ema_decay is not None:
-            self._update_ema(state)
+            self._update_ema(current)
         return state
+
+    def sampling_weights(self, current: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What the rollout samples the current version with, keyed as the trainable weights (collective
+        under ZeRO-3: call on every rank)."""
+        if self.objective.rollout_policy(self.version) == "current":
+            return current if current is not None else self.get_weights()
+        if self.old_module is not None:
+            return {
+                k: p.detach().to("cpu", torch.float32).clone() for k, p in self.old_module.named_parameters()
+            }
+        old = adapter_params(self.module, OLD_ADAPTER)
+        with self._gathered(list(old.values())):
+            return {k: p.detach().to("cpu", torch.float32).clone() for k, p in old.items()}
 
     # ------------------------------------------------------------------------------------ EMA
 
@@ -384,6 +407,7 @@ class LearnerEngine:
             shift=float(shard["shift"]),
             trajectory_btchw=opt("trajectory"),
             logp_old_bt=opt("logp"),
+            window_start=int(shard.get("window_start", 0)),
         )
 
     # ------------------------------------------------------------------------------------ checkpoints

@@ -25,7 +25,11 @@ from pydantic import (
     model_validator,
 )
 
-ALGORITHMS = ("vgrpo", "dgpo", "flow_grpo", "nft")
+ALGORITHMS = ("vgrpo", "dgpo", "flow_grpo", "nft", "flow_grpo_fast", "mixgrpo")
+# objectives that roll out with the windowed SDE sampler (rollout.sampler = sde_window)
+WINDOW_ALGORITHMS = ("flow_grpo_fast", "mixgrpo")
+# objectives whose upstream samples on diffusers' FlowMatchEulerDiscreteScheduler grid (RunConfig.sigma_grid)
+DIFFUSERS_GRID_ALGORITHMS = ("flow_grpo", "flow_grpo_fast", "nft")
 AdvantageNorm = Literal["group", "global_std", "none"]
 
 
@@ -59,7 +63,7 @@ class LoraConfig(Section):
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1)
     init: Literal["gaussian", "default", "zeros"] = "gaussian"
-    # SD3 attention projections, as Flow-GRPO targets them (ALGORITHMS.md §6.1)
+    # SD3 attention projections, as Flow-GRPO targets them (docs/algorithms.md §6.1)
     target_modules: list[str] = Field(
         default_factory=lambda: [
             "to_q",
@@ -121,8 +125,10 @@ class RolloutConfig(Section):
     group_size: int = Field(8, description="G: images per prompt")
     prompts_per_step: int = Field(4, ge=1, description="P: prompt groups per training step")
     num_steps: int = Field(10, ge=1, description="sampler steps")
-    sampler: Literal["auto", "euler", "dpm2", "sde"] = Field(
-        "auto", description="auto follows the objective: dpm2 ODE for the ELBO family, sde for flow_grpo"
+    sampler: Literal["auto", "euler", "dpm2", "sde", "sde_window"] = Field(
+        "auto",
+        description="auto follows the objective: dpm2 ODE for the ELBO family, sde for flow_grpo, "
+        "sde_window (SDE steps in a window, Euler ODE elsewhere) for flow_grpo_fast and mixgrpo",
     )
     guidance_scale: float = Field(
         5.0,
@@ -131,6 +137,12 @@ class RolloutConfig(Section):
         "evaluation's w (data.eval_guidance_scale), as DGPO's default samples SD3.5-M with CFG 4.5",
     )
     shift: float | None = Field(None, gt=0, description="SD3 sigma shift; None reads the scheduler's")
+    sigma_grid: Literal["auto", "uniform", "diffusers"] = Field(
+        "auto",
+        description="the rollout's sigma grid before the shift: diffusers = FlowMatchEulerDiscreteScheduler's "
+        "(last sigma 0.0089 at shift 3; Flow-GRPO and DiffusionNFT sample on it), uniform = linspace(1, 1/N, "
+        "N); auto follows the objective (docs/algorithms.md)",
+    )
     height: int | None = Field(None, ge=8, description="None: the model's native size")
     width: int | None = Field(None, ge=8)
     batch_size: int = Field(32, ge=1, description="images per sampler forward pass")
@@ -204,16 +216,21 @@ class RewardConfig(Section):
 
 
 class AdvantageConfig(Section):
-    """Group-relative advantages, ALGORITHMS.md §3."""
+    """Group-relative advantages, docs/algorithms.md §3."""
 
     norm: AdvantageNorm = Field("group", description="group: per-group std; global_std: std of the batch")
     eps: float = Field(1e-4, gt=0)
+    std: Literal["population", "sample"] = Field(
+        "population",
+        description="population: divide by n (numpy's np.std, as Flow-GRPO, DGPO and DiffusionNFT); sample: "
+        "by n - 1 (torch's Tensor.std, as MixGRPO)",
+    )
     clip: float | None = Field(5.0, gt=0, description="hard clip |A| <= clip (None: off)")
     soft_clip: float | None = Field(None, gt=0, description="eta: A <- eta * tanh(A / eta) (None: off)")
 
 
 class VGRPOConfig(Section):
-    """V-GRPO, ALGORITHMS.md §4."""
+    """V-GRPO, docs/algorithms.md §4."""
 
     n_mc: int = Field(4, ge=1, description="(t, eps) pairs per image, shared by the prompt's group")
     clip_eps: float = Field(0.01, ge=0, description="ratio clip epsilon")
@@ -238,7 +255,7 @@ class VGRPOConfig(Section):
 
 
 class DGPOConfig(Section):
-    """DGPO, ALGORITHMS.md §5.3."""
+    """DGPO, docs/algorithms.md §5.3."""
 
     beta_dpo: float = Field(100.0, gt=0)
     kl_beta: float = Field(0.02, ge=0)
@@ -246,22 +263,31 @@ class DGPOConfig(Section):
     num_timesteps: int = Field(4, ge=1, description="M grid times per epoch")
     trunc_steps: int = Field(4, ge=0, description="train on grid indices 0..trunc_steps (high noise)")
     ema_decay_max: float = Field(0.3, ge=0, lt=1, description="old copy: EMA decay min(max, 0.001 step)")
+    switch_ema_ref: int | None = Field(
+        200,
+        ge=0,
+        description="after this many updates the rollouts are sampled with the EMA copy (upstream: 200, 500 "
+        "in its GenEval config); None: always the trained weights",
+    )
     advantage: AdvantageConfig = Field(default_factory=lambda: AdvantageConfig(norm="group", clip=5.0))
 
 
 class FlowGRPOConfig(Section):
-    """Flow-GRPO, ALGORITHMS.md §6.1."""
+    """Flow-GRPO, docs/algorithms.md §6.1."""
 
     noise_level: float = Field(0.7, ge=0, description="SDE noise level a")
     clip_range: float = Field(1e-4, gt=0)
     kl_beta: float = Field(0.04, ge=0, description="KL to the frozen reference")
     timestep_fraction: float = Field(0.9, gt=0, le=1, description="train on the first fraction of steps")
     inner_steps: int = Field(1, ge=1, description="optimiser steps per rollout batch")
+    drop_zero_advantage: bool = Field(
+        True, description="train only on images with A != 0 (upstream drops the others before the update)"
+    )
     advantage: AdvantageConfig = Field(default_factory=lambda: AdvantageConfig(norm="global_std", clip=5.0))
 
 
 class NFTConfig(Section):
-    """DiffusionNFT, ALGORITHMS.md §5.2."""
+    """DiffusionNFT, docs/algorithms.md §5.2."""
 
     beta: float = Field(1.0, gt=0, description="guidance strength of the implicit policies")
     kl_beta: float = Field(1e-4, ge=0)
@@ -271,7 +297,100 @@ class NFTConfig(Section):
         0.001, ge=0, description="old <- d old + (1-d) theta, d = min(rate*step, max)"
     )
     old_decay_max: float = Field(0.5, ge=0, lt=1)
+    sample_with_old: bool = Field(
+        True, description="rollouts sample with the old (EMA) policy, as upstream; False: the trained one"
+    )
     advantage: AdvantageConfig = Field(default_factory=lambda: AdvantageConfig(norm="global_std", clip=5.0))
+
+
+class FlowGRPOFastConfig(Section):
+    """Flow-GRPO-Fast (yifan123/flow_grpo's fast mode), docs/algorithms.md §6.3: Flow-GRPO's loss on a
+    random window of W SDE steps per rollout batch, the Euler ODE on every other step."""
+
+    noise_level: float = Field(0.7, ge=0, description="SDE noise level a inside the window (upstream 0.7)")
+    clip_range: float = Field(1e-4, gt=0, description="ratio clip (upstream 1e-4)")
+    kl_beta: float = Field(
+        0.04, ge=0, description="KL to the frozen reference on the window's steps (Flow-GRPO's 0.04)"
+    )
+    sde_window_size: int = Field(
+        2, ge=1, description="W: SDE (trained) steps per rollout (upstream sde_window_size 2; verl-omni 2-3)"
+    )
+    sde_window_range: tuple[int, int] = Field(
+        (0, 5),
+        description="(r0, r1): each rollout batch draws its window start uniformly from {r0, ..., r1 - W}, "
+        "from (train.seed, step) (upstream sde_window_range (0, 5)); r1 <= rollout.num_steps - 1",
+    )
+    inner_steps: int = Field(1, ge=1, description="optimiser steps per rollout batch")
+    drop_zero_advantage: bool = Field(
+        True, description="train only on images with A != 0, as Flow-GRPO's training script"
+    )
+    advantage: AdvantageConfig = Field(default_factory=lambda: AdvantageConfig(norm="global_std", clip=5.0))
+
+    @field_validator("sde_window_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(
+                "want 0 <= r0 < r1 (window starts drawn from r0..r1 - W); fix: "
+                "--set algorithm.flow_grpo_fast.sde_window_range=[0,5]"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _span(self) -> FlowGRPOFastConfig:
+        r0, r1 = self.sde_window_range
+        if r1 - r0 < self.sde_window_size:
+            raise ValueError(
+                f"sde_window_range {list(self.sde_window_range)} spans {r1 - r0} steps, fewer than "
+                f"sde_window_size = {self.sde_window_size}; fix: --set "
+                f"algorithm.flow_grpo_fast.sde_window_range=[{r0},{r0 + self.sde_window_size}] or a smaller "
+                "sde_window_size"
+            )
+        return self
+
+
+class MixGRPOConfig(Section):
+    """MixGRPO (Tencent-Hunyuan/MixGRPO), docs/algorithms.md §6.2: Flow-GRPO's loss on a sliding window of
+    W SDE steps, the Euler ODE elsewhere. The window starts at step 0 and moves by ``shift_step`` every
+    ``shift_every`` training steps; past ``max_start`` it rolls back to 0. Upstream (FLUX, 25 steps):
+    W = 4, moves by 1 every 25 iterations, 300 iterations. The embedded default's 10-step schedule keeps
+    the proportion W = 2 of 10, and K = 16 sweeps the 8 starts 0..7 in 128 of its 160 steps, so every part
+    of the schedule is trained at least once (upstream's 25 iterations per start would reach start 6)."""
+
+    noise_level: float = Field(
+        0.7, ge=0, description="SDE noise level a inside the window (upstream eta 0.7)"
+    )
+    clip_range: float = Field(1e-4, gt=0, description="ratio clip (upstream 1e-4)")
+    kl_beta: float = Field(
+        0.0,
+        ge=0,
+        description="KL to the frozen reference, Flow-GRPO's form (upstream kl_coeff 0, so no reference)",
+    )
+    sde_window_size: int = Field(
+        2, ge=1, description="W: SDE (trained) steps per rollout (upstream group_size 4 of 25 steps)"
+    )
+    shift_every: int = Field(
+        16,
+        ge=1,
+        description="K: training steps between window moves (upstream iters_per_group 25 at 25 steps; 16 "
+        "makes the default 160-step run sweep the 10-step schedule once)",
+    )
+    shift_step: int = Field(1, ge=1, description="how far the window moves (upstream prog_overlap_step 1)")
+    max_start: int | None = Field(
+        None,
+        ge=0,
+        description="the last window start before the roll-back to 0; None: rollout.num_steps - 1 - W, the "
+        "last whose window ends before the final step to sigma = 0 (upstream: the window is cut at index "
+        "sampling_steps - 2, so its last trained transition is sampling_steps - 3)",
+    )
+    inner_steps: int = Field(1, ge=1, description="optimiser steps per rollout batch")
+    drop_zero_advantage: bool = Field(
+        False, description="train only on images with A != 0 (upstream MixGRPO trains on every image)"
+    )
+    advantage: AdvantageConfig = Field(
+        default_factory=lambda: AdvantageConfig(norm="group", eps=1e-8, std="sample", clip=5.0),
+        description="per-group z-score with eps 1e-8 and the unbiased (n - 1) std, |A| <= 5, as upstream",
+    )
 
 
 class AlgorithmConfig(Section):
@@ -280,6 +399,8 @@ class AlgorithmConfig(Section):
     dgpo: DGPOConfig = Field(default_factory=DGPOConfig)
     flow_grpo: FlowGRPOConfig = Field(default_factory=FlowGRPOConfig)
     nft: NFTConfig = Field(default_factory=NFTConfig)
+    flow_grpo_fast: FlowGRPOFastConfig = Field(default_factory=FlowGRPOFastConfig)
+    mixgrpo: MixGRPOConfig = Field(default_factory=MixGRPOConfig)
 
     @field_validator("name")
     @classmethod
@@ -401,12 +522,68 @@ class RunConfig(Section):
                 f"flow_grpo needs the SDE sampler's log-probabilities, not rollout.sampler = "
                 f"{self.rollout.sampler!r}; fix: --set rollout.sampler=auto"
             )
+        name = self.algorithm.name
+        windowed = name in WINDOW_ALGORITHMS
+        if self.rollout.sampler != "auto" and (self.rollout.sampler == "sde_window") != windowed:
+            need = "sde_window" if windowed else "not sde_window"
+            raise ValueError(
+                f"rollout.sampler = {self.rollout.sampler!r} does not fit algorithm.name = {name!r} (it "
+                f"needs {need}; sde_window serves {' and '.join(WINDOW_ALGORITHMS)}); fix: "
+                "--set rollout.sampler=auto"
+            )
+        if windowed:
+            self._check_window(name)
         return self
+
+    def _check_window(self, name: str) -> None:
+        """The selected windowed objective's SDE window must end before the schedule's last step (the one to
+        sigma = 0, which stays deterministic): every start it can draw, plus W, is <= rollout.num_steps - 1."""
+        n = self.rollout.num_steps
+        if name == "flow_grpo_fast":
+            f = self.algorithm.flow_grpo_fast
+            r0, r1 = f.sde_window_range
+            if r1 > n - 1:
+                fix = f"--set rollout.num_steps={r1 + 1}"
+                if n - 1 - r0 >= f.sde_window_size:
+                    fix += f" or --set algorithm.flow_grpo_fast.sde_window_range=[{r0},{n - 1}]"
+                raise ValueError(
+                    f"algorithm.flow_grpo_fast.sde_window_range = {[r0, r1]} lets a window cover step "
+                    f"{r1 - 1}, but with rollout.num_steps = {n} windows must stay within steps 0..{n - 2} "
+                    f"(the final step, to sigma = 0, stays deterministic); fix: {fix}"
+                )
+            return
+        m = self.algorithm.mixgrpo
+        w = m.sde_window_size
+        if w > n - 1:
+            raise ValueError(
+                f"algorithm.mixgrpo.sde_window_size = {w} does not fit rollout.num_steps = {n} (windows "
+                f"must stay within steps 0..{n - 2}: the final step, to sigma = 0, stays deterministic); fix: --set "
+                f"rollout.num_steps={w + 1} or --set algorithm.mixgrpo.sde_window_size={max(1, n - 1)}"
+            )
+        if m.max_start is not None and m.max_start + w > n - 1:
+            raise ValueError(
+                f"algorithm.mixgrpo.max_start = {m.max_start} with sde_window_size = {w} covers step "
+                f"{m.max_start + w - 1}, but with rollout.num_steps = {n} windows must stay within steps "
+                f"0..{n - 2}; fix: --set "
+                f"algorithm.mixgrpo.max_start={n - 1 - w} (or null for that default)"
+            )
+
+    def sigma_grid(self) -> Literal["uniform", "diffusers"]:
+        """The rollout's sigma grid: the one the objective's upstream samples on (docs/algorithms.md).
+        Flow-GRPO, Flow-GRPO-Fast and DiffusionNFT sample SD3 through diffusers'
+        FlowMatchEulerDiscreteScheduler; MixGRPO samples on the shifted uniform grid
+        (``sd3_time_shift(linspace(1, 0, N + 1))``), as V-GRPO and DGPO do here (DGPO's own
+        DPMSolverMultistepScheduler grid is a written departure)."""
+        if self.rollout.sigma_grid != "auto":
+            return self.rollout.sigma_grid
+        return "diffusers" if self.algorithm.name in DIFFUSERS_GRID_ALGORITHMS else "uniform"
 
     def sampler(self) -> str:
         """The rollout sampler the objective needs (DESIGN.md: the sampler follows the objective)."""
         if self.rollout.sampler != "auto":
             return self.rollout.sampler
+        if self.algorithm.name in WINDOW_ALGORITHMS:
+            return "sde_window"
         return "sde" if self.algorithm.name == "flow_grpo" else "dpm2"
 
 

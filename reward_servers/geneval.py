@@ -1,4 +1,4 @@
-"""The GenEval reward (Ghosh et al., 2023; ALGORITHMS.md §7.1): GenEval's detector and colour classifier
+"""The GenEval reward (Ghosh et al., 2023; docs/algorithms.md §7.1): GenEval's detector and colour classifier
 on transformers classes, and GenEval's rules, both the official binary correctness (evaluation) and the
 partial-credit score Flow-GRPO trains on (`value`).
 

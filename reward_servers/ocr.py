@@ -1,4 +1,4 @@
-"""The OCR reward of Flow-GRPO (identical in DiffusionNFT; ALGORITHMS.md §7.3) on PaddleOCR's models in
+"""The OCR reward of Flow-GRPO (identical in DiffusionNFT; docs/algorithms.md §7.3) on PaddleOCR's models in
 ONNX through `rapidocr-onnxruntime` (bundled in the wheel: nothing downloads; the CUDA execution provider
 when onnxruntime has it).
 
@@ -76,7 +76,7 @@ def levenshtein(a: str, b: str) -> int:
 
 def ocr_reward(recognized: str, target: str) -> float:
     """1 − min(dist, len)/len with dist = 0 when the normalised target is a substring of the normalised
-    recognition, else their Levenshtein distance (ALGORITHMS.md §7.3)."""
+    recognition, else their Levenshtein distance (docs/algorithms.md §7.3)."""
     rec, tgt = normalize(recognized), normalize(target)
     if not tgt:
         raise OcrPromptError(f"empty OCR target {target!r}")

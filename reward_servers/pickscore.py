@@ -1,4 +1,4 @@
-"""The PickScore reward (Kirstain et al., 2023; ALGORITHMS.md §7.2), as Flow-GRPO and DiffusionNFT load
+"""The PickScore reward (Kirstain et al., 2023; docs/algorithms.md §7.2), as Flow-GRPO and DiffusionNFT load
 and scale it: the CLIP-H processor (`processor_path`) and the PickScore CLIP model (`model_path`);
 image and text embeddings L2-normalised, score = exp(logit_scale)·cos(image, text) (≈ 100·cos), text
 truncated at 77 tokens. The training reward (`value`) is score / 26; the raw score (the reported metric,

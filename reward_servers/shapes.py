@@ -1,4 +1,4 @@
-"""The GenEval-Shapes reward (GENEVAL_SHAPES.md): the programmatic detector + GenEval's rules. `value`
+"""The GenEval-Shapes reward (docs/geneval-shapes.md): the programmatic detector + GenEval's rules. `value`
 is the training reward (the fraction of the prompt's clauses that hold); `details` carries the binary
 evaluation `score`, each clause's outcome and the detections."""
 
@@ -14,7 +14,7 @@ from vgrpo.shapes.prompts import PromptError, parse_prompt
 from vgrpo.shapes.reward import evaluate
 from vgrpo.shapes.spec import REFERENCE_SIZE
 
-# partial: the fraction of clauses that hold (GENEVAL_SHAPES.md's training reward); binary: GenEval's
+# partial: the fraction of clauses that hold (docs/geneval-shapes.md's training reward); binary: GenEval's
 # evaluation score; mixed: their mean (a pass is worth twice any near-miss, so partial credit alone
 # cannot outbid composing the scene right).
 MODES = ("partial", "binary", "mixed")

@@ -53,7 +53,7 @@ def build_tiny_mask2former(
     """An 80-class Mask2FormerForUniversalSegmentation (Swin backbone of width 8, 6 queries) and its image
     processor (long side `image_size`) saved to `out`. With `force_class`, the class head predicts that
     class for every query (so a test knows which class it finds); the masks come from random weights.
-    `use_auxiliary_loss=True`: False crashes the forward in transformers 5.24 (NOTES-stack.md)."""
+    `use_auxiliary_loss=True`: False crashes the forward in transformers 5.24 (docs/stack-notes.md)."""
     import torch
     from transformers import (
         Mask2FormerConfig,

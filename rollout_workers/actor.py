@@ -29,9 +29,15 @@ class RolloutWorkerShell(RolloutEngine, WeightSyncMember):
     def ready(self) -> dict:
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "version": self.version}
 
-    def sample(self, prompts: list[str], group_size: int, seeds: list[int]) -> dict[str, Any]:
+    def sample(
+        self,
+        prompts: list[str],
+        group_size: int,
+        seeds: list[int],
+        window: tuple[int, int] | None = None,
+    ) -> dict[str, Any]:
         try:
-            out = super().sample(prompts, group_size, seeds)
+            out = super().sample(prompts, group_size, seeds, window)
         except Exception:
             metrics.error("rollout", self.worker, "sample")
             raise

@@ -15,7 +15,13 @@ import torch
 from vgrpo import policy as P
 from vgrpo.adapters import add_lora, load_weights, trainable_params
 from vgrpo.proto.config import ModelConfig, RolloutConfig
-from vgrpo.rollout_workers.samplers import apply_cfg, ode_sample, sd3_sigmas, sde_sample
+from vgrpo.rollout_workers.samplers import (
+    apply_cfg,
+    ode_sample,
+    sd3_sigmas,
+    sde_sample,
+    sde_window_sample,
+)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -36,10 +42,11 @@ class RolloutEngine:
         self,
         model: ModelConfig,
         rollout: RolloutConfig,
-        sampler: Literal["dpm2", "euler", "sde"],
+        sampler: Literal["dpm2", "euler", "sde", "sde_window"],
         noise_level: float = 0.7,
         seed: int = 0,
         device: str | None = None,
+        sigma_grid: Literal["uniform", "diffusers"] = "uniform",
     ):
         self.model_cfg, self.cfg, self.sampler, self.noise_level = model, rollout, sampler, noise_level
         self.device = torch.device(device) if device else default_device()
@@ -58,7 +65,7 @@ class RolloutEngine:
             else float(self.pipe.scheduler.config.get("shift", 1.0))
         )
         self.shift = shift
-        self.sigmas = sd3_sigmas(rollout.num_steps, shift=shift)
+        self.sigmas = sd3_sigmas(rollout.num_steps, shift=shift, grid=sigma_grid)
 
     # ------------------------------------------------------------------------------------ weights
 
@@ -97,16 +104,30 @@ class RolloutEngine:
     # ------------------------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], group_size: int, seeds: list[int]) -> dict[str, Any]:
+    def sample(
+        self,
+        prompts: list[str],
+        group_size: int,
+        seeds: list[int],
+        window: tuple[int, int] | None = None,
+    ) -> dict[str, Any]:
         """G images for each prompt (image j of prompt i at index i*G + j, its noise from seeds[i*G + j]).
 
         Returns numpy arrays: ``latents`` (B, C, h, w) float32 final samples, ``images`` (B, H, W, 3)
         uint8, ``prompt_embeds`` (P, L, D) and ``pooled`` (P, Dp) per prompt, and for the SDE sampler
-        ``trajectory`` (B, N+1, C, h, w) and ``logp`` (B, N); plus ``policy_version`` and ``seconds``."""
+        ``trajectory`` (B, N+1, C, h, w) and ``logp`` (B, N); plus ``policy_version`` and ``seconds``.
+        The ``sde_window`` sampler (MixGRPO, Flow-GRPO-Fast) takes ``window = (start, W)``, the same for
+        every image of the call, and returns ``trajectory`` (B, W+1, C, h, w), ``logp`` (B, W) and
+        ``window_start``."""
         n = len(prompts) * group_size
         if len(seeds) != n:
             raise ValueError(
                 f"sample: {len(prompts)} prompts x G={group_size} needs {n} seeds, got {len(seeds)}"
+            )
+        if (self.sampler == "sde_window") != (window is not None):
+            raise ValueError(
+                f"sample: window = {window} with the {self.sampler!r} sampler; the sde_window sampler needs "
+                "window=(start, size) (the driver computes it per step), the others take none"
             )
         with self._lock:
             if self.incomplete:
@@ -133,6 +154,12 @@ class RolloutEngine:
                     x0, traj, logp = sde_sample(v_fn, x1, self.sigmas, self.noise_level, generator=gen)
                     out["trajectory"].append(traj.cpu())
                     out["logp"].append(logp.cpu())
+                elif window is not None:
+                    x0, traj, logp = sde_window_sample(
+                        v_fn, x1, self.sigmas, window, self.noise_level, generator=gen
+                    )
+                    out["trajectory"].append(traj.cpu())
+                    out["logp"].append(logp.cpu())
                 else:
                     x0 = ode_sample(v_fn, x1, self.sigmas, solver=self.sampler)
                 out["latents"].append(x0.float().cpu())
@@ -148,9 +175,11 @@ class RolloutEngine:
                 "policy_version": version,
                 "seconds": time.perf_counter() - t0,
             }
-            if self.sampler == "sde":
+            if out["trajectory"]:
                 result["trajectory"] = torch.cat(out["trajectory"]).numpy()
                 result["logp"] = torch.cat(out["logp"]).numpy()
+            if window is not None:
+                result["window_start"] = int(window[0])
             return result
 
     def _velocity_fn(self, embeds_bld: torch.Tensor, pooled_bd: torch.Tensor):

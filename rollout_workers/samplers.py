@@ -1,4 +1,4 @@
-"""Flow-matching samplers as pure torch functions (ALGORITHMS.md §1, §2, §6.1).
+"""Flow-matching samplers as pure torch functions (docs/algorithms.md §1, §2, §6.1).
 
 Convention: flow time ``sigma`` in [0, 1], ``sigma = 1`` is pure noise, ``sigma = 0`` is data;
 ``x_sigma = (1 - sigma) x0 + sigma eps``; the network predicts the velocity ``v = eps - x0``.
@@ -185,3 +185,53 @@ def sde_sample(
         trajectory.append(x)
         logps.append(logp)
     return x, torch.stack(trajectory, 1), torch.stack(logps, 1)
+
+
+def sde_window_sample(
+    velocity: VelocityFn,
+    x_init: torch.Tensor,
+    sigmas: torch.Tensor,
+    window: tuple[int, int],
+    noise_level: float = 0.7,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MixGRPO's / Flow-GRPO-Fast's rollout (docs/algorithms.md §6.2, §6.3): the Flow-GRPO SDE step
+    (noise level a, log-prob recorded) on the W steps [start, start + W) of ``window = (start, W)``, the
+    deterministic Euler ODE step on every other step, before the window and after it. Euler after the window
+    is what both upstreams do (MixGRPO-Flash's compressed DPM-Solver++ tail is not implemented), and it
+    makes W = 0 exactly ``ode_sample(..., solver="euler")``.
+
+    Only the window is recorded: returns (x0_bchw, trajectory_bwchw with x at sigma_start ..
+    sigma_{start+W} (W + 1 latents; W = 0 keeps x_start alone), logp_bw of the W SDE transitions). The window must end before the last
+    step (start + W <= N - 1): an SDE step to sigma_N = 0 would leave noise in the final image. Noise is
+    drawn on the CPU from ``generator`` (one (B, ...) draw per window step) and moved to x's device, so a
+    rollout is the same on every device.
+    """
+    start, size = window
+    n = len(sigmas) - 1
+    if start < 0 or size < 0 or start + size > n - 1:
+        raise ValueError(
+            f"SDE window (start {start}, size {size}) must lie within steps 0..{n - 2} of the {n}-step "
+            "schedule (the last step, to sigma = 0, stays deterministic)"
+        )
+    x_bchw = x_init.float()
+    b, sigma_1 = x_bchw.shape[0], float(sigmas[1])
+    latents: list[torch.Tensor] = []  # x_start .. x_{start+W}, each (B, C, h, w)
+    logps: list[torch.Tensor] = []  # W of them, each (B,)
+    for i in range(n):
+        if i == start:
+            latents.append(x_bchw)
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma_b = torch.full((b,), s, dtype=torch.float32, device=x_bchw.device)
+        v_bchw = velocity(x_bchw, sigma_b).float()
+        if start <= i < start + size:
+            noise_bchw = torch.randn(x_bchw.shape, generator=generator, dtype=torch.float32).to(x_bchw.device)
+            x_bchw, logp_b, _, _ = sde_step_with_logprob(
+                x_bchw, v_bchw, s, s_next, sigma_1, noise_level, noise=noise_bchw
+            )
+            latents.append(x_bchw)
+            logps.append(logp_b)
+        else:
+            x_bchw = euler_step(x_bchw, v_bchw, s, s_next)
+    logp_bw = torch.stack(logps, 1) if logps else torch.zeros((b, 0), device=x_bchw.device)
+    return x_bchw, torch.stack(latents, 1), logp_bw

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 # DeepSpeed compiles its C++ op once per machine into this cache rather than once per test or worker
-# (NOTES-stack.md); set before any Ray worker starts, so that workers inherit it
+# (docs/stack-notes.md); set before any Ray worker starts, so that workers inherit it
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vgrpo-torch-extensions"))
 
 

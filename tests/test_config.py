@@ -38,7 +38,7 @@ def test_default_has_contract_keys_and_every_objective_section():
     d = RunConfig().model_dump()
     for k in CONTRACT_KEYS:
         get(d, k)
-    for name in ("vgrpo", "dgpo", "flow_grpo", "nft"):
+    for name in ("vgrpo", "dgpo", "flow_grpo", "nft", "flow_grpo_fast", "mixgrpo"):
         assert isinstance(d["algorithm"][name], dict)
     assert d["algorithm"]["name"] == "vgrpo" and d["learner"]["zero_stage"] == 2
 
@@ -66,6 +66,8 @@ def test_set_coerces_types_and_file_then_overrides(tmp_path):
 def test_switching_objective_alone_picks_its_sampler():
     assert load_config(None, []).sampler() == "dpm2"
     assert load_config(None, ["algorithm.name=flow_grpo"]).sampler() == "sde"
+    assert load_config(None, ["algorithm.name=mixgrpo"]).sampler() == "sde_window"
+    assert load_config(None, ["algorithm.name=flow_grpo_fast"]).sampler() == "sde_window"
 
 
 @pytest.mark.parametrize(

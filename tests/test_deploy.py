@@ -190,7 +190,7 @@ def test_every_recipe_validates_through_the_config_loader() -> None:
 
 
 def test_vgrpo_recipes_follow_the_paper() -> None:
-    """ALGORITHMS.md §4.5: G 24, P 48, LoRA 32/64, lr 3e-4, 40 ODE steps, no CFG."""
+    """docs/algorithms.md §4.5: G 24, P 48, LoRA 32/64, lr 3e-4, 40 ODE steps, no CFG."""
     for recipe in RECIPES:
         cfg = load_config(recipe)
         if cfg.algorithm.name != "vgrpo" or "1node" in recipe.name:

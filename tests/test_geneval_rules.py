@@ -1,4 +1,4 @@
-"""GenEval's rules (ALGORITHMS.md §7.1) on synthetic detections, one family at a time: selection
+"""GenEval's rules (docs/algorithms.md §7.1) on synthetic detections, one family at a time: selection
 thresholds, counting with exclude, colour on the top-count detections, position margin and relations,
 and the quirks of Flow-GRPO's partial-credit training score."""
 
@@ -144,6 +144,17 @@ def test_relative_position_margin_and_relations() -> None:
     assert relative_position((30, 30, 40, 40), (0, 0, 10, 10)) == {"right of", "below"}
     # mostly horizontal: dy/‖off‖ < 0.5 -> only "right of"
     assert relative_position((40, 8, 50, 18), (0, 0, 10, 10)) == {"right of"}
+
+
+def test_relative_position_margin_uses_heights_on_y_and_widths_on_x() -> None:
+    # boxes (x1, y1, x2, y2). Tall-thin (2 x 40), centres 10 apart vertically: margin 0.1 (40 + 40) = 8,
+    # revised 2, 2/10 < 0.5 -> none; a width-based vertical margin (0.4) would give "below"
+    assert relative_position((49, 30, 51, 70), (49, 20, 51, 60)) == set()
+    # wide-flat (40 x 2), the same offset: margin 0.4 -> below; a width-based margin (8) would give none
+    assert relative_position((30, 49, 70, 51), (30, 39, 70, 41)) == {"below"}
+    # horizontally the other way round
+    assert relative_position((40, 49, 80, 51), (30, 49, 70, 51)) == set()
+    assert relative_position((59, 30, 61, 70), (49, 30, 51, 70)) == {"right of"}
 
 
 def test_position_official_and_partial_quirk() -> None:

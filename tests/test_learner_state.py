@@ -134,3 +134,37 @@ def test_eval_and_export_read_the_ema_weights_when_the_run_kept_them(tmp_path: P
     step, weights = policy_weights(tmp_path, None)
     assert step == 3 and weights is not None and torch.equal(weights["w"], torch.ones(2))
     assert torch.equal(policy_weights(tmp_path, 3, ema=False)[1]["w"], torch.zeros(2))  # type: ignore[index]
+
+
+def _old_adapter(eng: Any) -> dict[str, torch.Tensor]:
+    from vgrpo.adapters import OLD_ADAPTER, adapter_params
+
+    return {k: p.detach().clone() for k, p in adapter_params(eng.module, OLD_ADAPTER).items()}
+
+
+def test_the_rollout_samples_with_the_policy_the_objective_names(port: int) -> None:
+    """DiffusionNFT samples with its old (EMA) policy, as upstream train_nft_sd3.py does: the published
+    weights are the old adapter's, not the trained ones (the trained ones still checkpoint and evaluate);
+    DGPO switches to its EMA copy after switch_ema_ref updates; V-GRPO publishes the trained weights."""
+    nft = _engine(port, "algorithm.name=nft", "algorithm.nft.old_decay_rate=0.25")
+    published = _step(nft, 1)
+    old, current = _old_adapter(nft), nft.get_weights()
+    assert set(published) == set(current)
+    for k in published:
+        torch.testing.assert_close(published[k], old[k])
+    assert max(float((published[k] - current[k]).abs().max()) for k in current) > 0
+
+    dgpo = _engine(port, "algorithm.name=dgpo", "algorithm.dgpo.switch_ema_ref=1")
+    first = _step(dgpo, 1)  # version 1: not past switch_ema_ref yet -> the trained weights
+    for k, v in dgpo.get_weights().items():
+        torch.testing.assert_close(first[k], v)
+    second = _step(dgpo, 2)  # version 2 > 1 -> the EMA copy
+    old = _old_adapter(dgpo)
+    for k in second:
+        torch.testing.assert_close(second[k], old[k])
+    assert max(float((second[k] - dgpo.get_weights()[k]).abs().max()) for k in second) > 0
+
+    vgrpo = _engine(port)
+    got = _step(vgrpo, 1)
+    for k, v in vgrpo.get_weights().items():
+        torch.testing.assert_close(got[k], v)

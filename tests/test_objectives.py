@@ -1,4 +1,4 @@
-"""Each objective's formula against an independent computation (ALGORITHMS.md §3–§6)."""
+"""Each objective's formula against an independent computation (docs/algorithms.md §3–§6)."""
 
 from __future__ import annotations
 
@@ -284,12 +284,16 @@ def test_nft_reduces_to_weighted_regression_at_beta_one(world, policy):
 
 
 def test_every_objective_is_registered_and_configured():
-    assert set(OBJECTIVES) == {"vgrpo", "dgpo", "flow_grpo", "nft"}
+    assert set(OBJECTIVES) == {"vgrpo", "dgpo", "flow_grpo", "nft", "flow_grpo_fast", "mixgrpo"}
     for name, cls in OBJECTIVES.items():
         obj = build_objective(AlgorithmConfig(name=name))
         assert isinstance(obj, cls) and obj.name == name
     assert build_objective(AlgorithmConfig(name="flow_grpo")).sampler == "sde"
     assert all(build_objective(AlgorithmConfig(name=n)).sampler == "dpm2" for n in ("vgrpo", "dgpo", "nft"))
+    assert all(
+        build_objective(AlgorithmConfig(name=n)).sampler == "sde_window"
+        for n in ("mixgrpo", "flow_grpo_fast")
+    )
 
 
 def test_ema_old_policy(world):

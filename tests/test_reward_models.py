@@ -202,6 +202,35 @@ def test_ocr_prompt_rules() -> None:
     assert item.value is None and "no quotes here" in (item.error or "")
 
 
+def test_ocr_distance_is_levenshtein_not_indel() -> None:
+    from vgrpo.reward_servers.ocr import levenshtein, ocr_reward
+
+    # normalised "halloworld" vs "helloworld": one substitution (Levenshtein 1, Indel 2) over 10 characters
+    assert ocr_reward("hallo world", "hello world") == pytest.approx(0.9)
+    assert ocr_reward("Hallo World", "hello world") == pytest.approx(0.9)
+    assert (
+        levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3 and levenshtein("abc", "") == 3
+    )
+
+
+def test_ocr_levenshtein_fallback_matches_rapidfuzz(monkeypatch: pytest.MonkeyPatch) -> None:
+    rapidfuzz_levenshtein = pytest.importorskip("rapidfuzz.distance").Levenshtein
+    from vgrpo.reward_servers import ocr
+
+    rng = np.random.default_rng(0)
+    pairs = [
+        tuple("".join(rng.choice(list("abc"), size=int(rng.integers(0, 9)))) for _ in range(2))
+        for _ in range(300)
+    ]
+    expected = [int(rapidfuzz_levenshtein.distance(a, b)) for a, b in pairs]
+    assert [ocr.levenshtein(a, b) for a, b in pairs] == expected  # through rapidfuzz
+    monkeypatch.setitem(sys.modules, "rapidfuzz.distance", None)  # the import fails: the pure-Python path
+    with pytest.raises(ImportError):
+        from rapidfuzz.distance import Levenshtein  # noqa: F401
+    assert [ocr.levenshtein(a, b) for a, b in pairs] == expected
+    assert ocr.ocr_reward("hallo world", "hello world") == pytest.approx(0.9)
+
+
 # ------------------------------------------------------------------------------------------ user rewards
 
 

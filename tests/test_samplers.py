@@ -1,4 +1,4 @@
-"""Samplers against independent computations (ALGORITHMS.md §1, §2, §6.1)."""
+"""Samplers against independent computations (docs/algorithms.md §1, §2, §6.1)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from vgrpo.rollout_workers.samplers import (
     sd3_sigmas,
     sde_std,
     sde_step_with_logprob,
+    sde_window_sample,
     shift_sigma,
 )
 
@@ -142,3 +143,57 @@ def test_sde_replay_scores_given_sample_and_zero_noise_is_euler():
     # noise level 0: the SDE mean is the Euler step
     x_det, _, _, _ = sde_step_with_logprob(x, v, s, s_next, s1, 1e-8, noise=torch.zeros_like(x))
     assert torch.allclose(x_det, euler_step(x, v, s, s_next), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- SDE window
+
+
+@pytest.mark.parametrize("window", [(0, 2), (3, 2), (5, 4), (8, 1)])
+def test_sde_window_is_the_ode_outside_and_the_sde_step_inside(gaussian, window):
+    """MixGRPO / Flow-GRPO-Fast (§6.2, §6.3): Euler ODE before and after the window, the Flow-GRPO SDE step
+    on it; replayed step by step with the same noise draws, against the existing functions."""
+    m, s, eps = gaussian
+    v = gaussian_velocity(m, s)
+    x1 = eps[:6].float()
+    sig = sd3_sigmas(10, 3.0)
+    start, size = window
+    x0, traj, logp = sde_window_sample(v, x1, sig, window, 0.7, generator=torch.Generator().manual_seed(7))
+    assert traj.shape == (6, size + 1, 3) and logp.shape == (6, size)
+    # before the window: the Euler ODE from sigma_0 to sigma_start
+    assert torch.equal(traj[:, 0], ode_sample(v, x1, sig[: start + 1], "euler"))
+    # inside: one Flow-GRPO step per window step, the noise drawn in order from the same generator
+    gen = torch.Generator().manual_seed(7)
+    sigma_1 = float(sig[1])
+    for k in range(size):
+        i = start + k
+        x_k = traj[:, k]
+        sigma_b = torch.full((6,), float(sig[i]), dtype=torch.float32)
+        noise = torch.randn(x_k.shape, generator=gen, dtype=torch.float32)
+        x_next, logp_k, _, _ = sde_step_with_logprob(
+            x_k, v(x_k, sigma_b), float(sig[i]), float(sig[i + 1]), sigma_1, 0.7, noise=noise
+        )
+        assert torch.equal(traj[:, k + 1], x_next) and torch.equal(logp[:, k], logp_k)
+        assert not torch.allclose(x_next, euler_step(x_k, v(x_k, sigma_b), float(sig[i]), float(sig[i + 1])))
+    # after: the Euler ODE from sigma_{start+W} to sigma_N = 0
+    assert torch.equal(x0, ode_sample(v, traj[:, -1], sig[start + size :], "euler"))
+
+
+def test_sde_window_of_size_zero_is_the_euler_ode(gaussian):
+    m, s, eps = gaussian
+    v = gaussian_velocity(m, s)
+    x1 = eps[:5].float()
+    sig = sd3_sigmas(10, 3.0)
+    x0, traj, logp = sde_window_sample(v, x1, sig, (4, 0), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x0, ode_sample(v, x1, sig, "euler"))
+    assert traj.shape == (5, 1, 3) and logp.shape == (5, 0)
+    assert torch.equal(traj[:, 0], ode_sample(v, x1, sig[:5], "euler"))
+
+
+def test_sde_window_must_end_before_the_step_to_sigma_zero():
+    v = lambda x, s: torch.zeros_like(x)  # noqa: E731
+    sig = sd3_sigmas(10, 3.0)
+    x = torch.randn(2, 3)
+    sde_window_sample(v, x, sig, (7, 2))  # steps 7, 8: the last SDE-able ones
+    for bad in [(8, 2), (9, 1), (-1, 2), (0, 10)]:
+        with pytest.raises(ValueError, match=r"must lie within steps 0\.\.8"):
+            sde_window_sample(v, x, sig, bad)

@@ -1,5 +1,5 @@
 """GenEval-Shapes: renderer, detector, prompts, reward and splits agree with the spec
-(GENEVAL_SHAPES.md), on clean, independently drawn and corrupted images."""
+(docs/geneval-shapes.md), on clean, independently drawn and corrupted images."""
 
 from __future__ import annotations
 
@@ -259,6 +259,19 @@ def test_position_rule_is_genevals() -> None:
     assert relations((10, 10), (4, 4), (40, 40), (4, 4)) == {"left of", "above"}  # a clear diagonal
     # the margin uses widths on x: a wide reference box absorbs a small horizontal offset
     assert relations((30, 10), (10, 10), (24, 40), (50, 10)) == {"above"}
+
+
+def test_position_margin_uses_heights_on_y_and_widths_on_x() -> None:
+    # sizes are (width, height). Tall-thin boxes 10 apart vertically: margin 0.1 (40 + 40) = 8 leaves 2 of
+    # the offset 10, 2/10 < 0.5: no relation (a margin from the widths, 0.4, would say "below")
+    assert relations((50, 50), (2, 40), (50, 40), (2, 40)) == set()
+    # wide-flat boxes, the same offset: margin 0.1 (2 + 2) = 0.4 -> 9.6/10 > 0.5: below (widths: none)
+    assert relations((50, 50), (40, 2), (50, 40), (40, 2)) == {"below"}
+    assert relations((50, 40), (40, 2), (50, 50), (40, 2)) == {"above"}
+    # horizontally: wide-flat boxes absorb a horizontal offset of 10 (margin 8), tall-thin ones do not
+    assert relations((60, 50), (40, 2), (50, 50), (40, 2)) == set()
+    assert relations((60, 50), (2, 40), (50, 50), (2, 40)) == {"right of"}
+    assert relations((40, 50), (2, 40), (50, 50), (2, 40)) == {"left of"}
 
 
 def test_splits_are_disjoint_and_regenerate_from_the_seed() -> None:

@@ -29,6 +29,23 @@ def test_each_objective_trains(ray_cluster, tmp_path, name):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
 
 
+@pytest.mark.parametrize("name", ["mixgrpo", "flow_grpo_fast"])
+def test_each_windowed_objective_trains(ray_cluster, tmp_path, name):
+    """MixGRPO and Flow-GRPO-Fast through the real loop: the window the driver decides for each step is the
+    one the workers sampled and the learner trained on (logged as rollout/window_start)."""
+    from vgrpo.driver import train
+    from vgrpo.learner.objectives import build_objective
+
+    cfg = load_config(None, [f"algorithm.name={name}", "train.steps=2", "observability.progress=off"])
+    assert train(cfg, tmp_path / "run") == 2
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    obj = build_objective(cfg.algorithm)
+    want = [obj.rollout_window(step, cfg.rollout.num_steps, cfg.train.seed) for step in (1, 2)]
+    assert [(r["rollout/window_start"], 2) for r in rows] == want
+
+
 def test_bounded_staleness_overlaps_and_is_measured(ray_cluster, tmp_path):
     from vgrpo.driver import train
 

@@ -1,4 +1,4 @@
-"""LoRA adapters on the SD3 transformer, shared by rollout workers and the learner (ALGORITHMS.md §9.7).
+"""LoRA adapters on the SD3 transformer, shared by rollout workers and the learner (docs/algorithms.md §9.7).
 
 The trainable adapter is ``default``; the learner may add a frozen ``old`` adapter (the behaviour policy
 for V-GRPO's ratio, the EMA copy for DGPO / DiffusionNFT); the reference policy is the base model with

@@ -83,6 +83,9 @@ class PendingRollout:
     slices: list[tuple[int, int]]  # prompt range [lo, hi) of each worker
     data_before: dict[str, int]  # the prompt source's position before this step's prompts were drawn
     version: int = 0  # the policy version the workers sample this step with (their last queued update)
+    # the SDE window (start, size) of the step (MixGRPO, Flow-GRPO-Fast; None for the other objectives),
+    # decided once here: every worker, and the redo of a dead worker's share, samples with it
+    window: tuple[int, int] | None = None
     launched: float = field(default_factory=time.perf_counter)
 
 
@@ -181,7 +184,8 @@ def learner_shards(
 ) -> list[dict[str, Any]]:
     """A rollout batch cut into one training shard per learner rank (whole groups each): the final
     latents, the per-image text features, group ids and advantages, the sampler's sigmas, and the
-    trajectory and log-probs when the sampler recorded them (Flow-GRPO's SDE)."""
+    trajectory and log-probs when the sampler recorded them (Flow-GRPO's SDE; MixGRPO's and
+    Flow-GRPO-Fast's window, with its ``window_start``)."""
     n_prompts = len(group_b) // group_size
     embeds = np.repeat(batch["prompt_embeds"], group_size, axis=0)
     pooled = np.repeat(batch["pooled"], group_size, axis=0)
@@ -200,6 +204,7 @@ def learner_shards(
                 "policy_version": policy_version,
                 "trajectory": batch["trajectory"][sl] if batch.get("trajectory") is not None else None,
                 "logp": batch["logp"][sl] if batch.get("logp") is not None else None,
+                "window_start": int(batch.get("window_start", 0)),
             }
         )
     return shards
@@ -375,7 +380,15 @@ class Roles:
                 num_gpus=r.gpus_per_worker,
                 resources=dict(r.custom_resources) or None,
                 scheduling_strategy=at(lc.num_ranks + i),
-            ).remote(cfg.model, r, cfg.sampler(), noise_level=noise, seed=cfg.train.seed, threads=threads)
+            ).remote(
+                cfg.model,
+                r,
+                cfg.sampler(),
+                noise_level=noise,
+                seed=cfg.train.seed,
+                threads=threads,
+                sigma_grid=cfg.sigma_grid(),
+            )
 
         self._new_worker = new_worker
         self.workers = [new_worker(i) for i in range(r.num_workers)]
@@ -584,6 +597,7 @@ class Trainer:
         # a replacement rollout worker is loaded with
         self.published: dict[int, Any] = {0: None}
         self._ema_cache: tuple[int, Any] | None = None  # (version, EMA weights) last fetched
+        self._current_cache: tuple[int, Any] | None = None  # (version, trained weights) last fetched
 
     def _publish(self, version: int, weights: Any) -> Any:
         """Keep ``weights`` (an ObjectRef) as version ``version``; drop versions no pending rollout can
@@ -671,6 +685,7 @@ class Trainer:
         data_before = self.source.state()
         prompts = self.source.next(r.prompts_per_step)
         seeds = derive_seeds(self.cfg.train.seed, step, len(prompts) * r.group_size)
+        window = roles.objective.rollout_window(step, r.num_steps, self.cfg.train.seed)
         slices = [s for s in split_evenly(len(prompts), len(roles.workers))]
         refs = []
         for w, (lo, hi) in zip(roles.workers, slices, strict=True):
@@ -680,11 +695,14 @@ class Trainer:
                         [p.prompt for p in prompts[lo:hi]],
                         r.group_size,
                         seeds[lo * r.group_size : hi * r.group_size],
+                        window,
                     )
                 )
             else:
                 refs.append(None)
-        return PendingRollout(step, prompts, seeds, refs, slices, data_before, version=self.version)
+        return PendingRollout(
+            step, prompts, seeds, refs, slices, data_before, version=self.version, window=window
+        )
 
     def collect(self, roles: Roles, pending: PendingRollout) -> dict[str, Any]:
         """The step's rollouts; the share of a worker that died is redone by its replacement, with the
@@ -700,7 +718,10 @@ class Trainer:
                     return launched.pop()
                 prompts = [p.prompt for p in pending.prompts[lo:hi]]
                 return w.sample.remote(
-                    prompts, r.group_size, pending.seeds[lo * r.group_size : hi * r.group_size]
+                    prompts,
+                    r.group_size,
+                    pending.seeds[lo * r.group_size : hi * r.group_size],
+                    pending.window,
                 )
 
             return fn
@@ -712,6 +733,8 @@ class Trainer:
         batch: dict[str, Any] = {k: cat(k) for k in ("latents", "images", "prompt_embeds", "pooled")}
         if "trajectory" in parts[0]:
             batch["trajectory"], batch["logp"] = cat("trajectory"), cat("logp")
+        if pending.window is not None:
+            batch["window_start"] = pending.window[0]
         batch["versions"] = [p["policy_version"] for p in parts]
         batch["sigmas"], batch["shift"] = parts[0]["sigmas"], parts[0]["shift"]
         batch["sample_seconds"] = max(p["seconds"] for p in parts)
@@ -786,6 +809,8 @@ class Trainer:
             "reward_retries": scores.retries,
             "adv/zero_std_frac": adv_stats["zero_std_frac"],
         }
+        if pending.window is not None:
+            row["rollout/window_start"] = pending.window[0]
         for name, values in scores.values.items():
             row[f"reward/{name}"] = float(np.mean(values))
         for k in results[0]:
@@ -946,6 +971,16 @@ class Trainer:
             self._ema_cache = (version, ema)
         return self._ema_cache[1]
 
+    def current_weights(self, roles: Roles, version: int) -> Any:
+        """The trained weights after update ``version`` (every learner rank gathers; rank 0's are kept),
+        fetched once per version: a step that evaluates and checkpoints uses one copy."""
+        if self._current_cache is None or self._current_cache[0] != version:
+            states = self.on_learners(
+                roles, [lrn.get_weights.remote() for lrn in roles.learners], "get_weights", version
+            )
+            self._current_cache = (version, states[0])
+        return self._current_cache[1]
+
     def evaluate(self, roles: Roles) -> dict[str, float]:
         from vgrpo.evaluate import load_prompt_rows
 
@@ -955,6 +990,10 @@ class Trainer:
         ema = None
         if self.cfg.train.ema is not None:
             ema = self.ema_weights(roles, self.version)
+        elif roles.objective.rollout_policy(self.version) == "old":
+            # the workers hold the objective's old copy (DiffusionNFT samples with it): the held-out score
+            # is the trained policy's, as upstream evaluates its "default" adapter
+            ema = self.current_weights(roles, self.version)
         res = self.on_workers(
             roles,
             {
@@ -993,10 +1032,7 @@ class Trainer:
             "checkpoint",
             step,
         )
-        states = self.on_learners(
-            roles, [lrn.get_weights.remote() for lrn in roles.learners], "get_weights", step
-        )
-        save_policy_weights(states[0], tmp / "policy.safetensors", step, lora)
+        save_policy_weights(self.current_weights(roles, step), tmp / "policy.safetensors", step, lora)
         if self.cfg.train.ema is not None:  # what `vgrpo eval` and `vgrpo export` use for this step
             ema = self.ema_weights(roles, step)
             save_policy_weights(ema, tmp / "ema.safetensors", step, lora)
@@ -1033,7 +1069,13 @@ class Trainer:
         from safetensors.torch import load_file
 
         self.version = step
-        weights = self._publish(step, ray.put(load_file(str(path / "policy.safetensors"))))
+        if roles.objective.rollout_policy(step) == "current":
+            state = load_file(str(path / "policy.safetensors"))
+        else:  # the rollout samples with the objective's old copy, restored by the learners just now
+            state = self.on_learners(
+                roles, [lrn.sampling_weights.remote() for lrn in roles.learners], "resume", step
+            )[0]
+        weights = self._publish(step, ray.put(state))
         self.on_workers(
             roles,
             {i: (lambda w: w.update_weights.remote(step, weights)) for i in range(len(roles.workers))},

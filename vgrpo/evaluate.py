@@ -2,7 +2,7 @@
 
 Every prompt gets ``images_per_prompt`` images from fixed seeds (image j of prompt i: ``seed +
 i·images_per_prompt + j``) with the deterministic ODE sampler, so two evaluations of the same weights
-agree exactly. An image scores 1 when every clause of its prompt holds (GENEVAL_SHAPES.md); a family's
+agree exactly. An image scores 1 when every clause of its prompt holds (docs/geneval-shapes.md); a family's
 score is the mean over its images, and ``overall`` is the mean over families (GenEval's table).
 
 ``evaluate_policy`` takes a loaded pipeline, so the same function scores the shipped model, a hub model

@@ -144,7 +144,7 @@ PHASES = ("rollout", "reward", "learner", "weight_sync", "step", "sample_compute
 
 def exported_name(name: str) -> str:
     """The name Prometheus scrapes for a metric created as ``name`` through Ray: ``ray_`` prefix, and
-    ``_total`` on counters (NOTES-stack.md). Histograms export ``_bucket``/``_sum``/``_count`` series."""
+    ``_total`` on counters (docs/stack-notes.md). Histograms export ``_bucket``/``_sum``/``_count`` series."""
     spec = SPECS[name]
     return "ray_" + name + ("_total" if spec.kind == "counter" else "")
 

@@ -35,7 +35,7 @@ from vgrpo.proto.config import RunConfig, load_config
 ROLES = ("rollout", "reward", "learner")
 Granularity = Literal["prompt", "image"]
 
-# The SD3.5-Medium V-GRPO recipe (ALGORITHMS.md §4.5), used when configs/ holds no such recipe.
+# The SD3.5-Medium V-GRPO recipe (docs/algorithms.md §4.5), used when configs/ holds no such recipe.
 SD35M_PATH = "stabilityai/stable-diffusion-3.5-medium"
 SD35M_RECIPE = [
     f"model.path={SD35M_PATH}",
@@ -156,7 +156,7 @@ def default_config(sets: list[str] | None = None) -> tuple[RunConfig, str]:
         return load_config(path, sets or []), f"SD3.5-Medium V-GRPO recipe {path}"
     return load_config(
         None, SD35M_RECIPE + (sets or [])
-    ), "SD3.5-Medium V-GRPO recipe (built in, ALGORITHMS.md §4.5)"
+    ), "SD3.5-Medium V-GRPO recipe (built in, docs/algorithms.md §4.5)"
 
 
 def workload_of(cfg: RunConfig, batch: str | None = None, staleness: int | None = None) -> Workload:
@@ -332,6 +332,17 @@ def learner_passes(cfg: RunConfig, staleness: int) -> tuple[float, float, str]:
             ref * cfg_x,
             f"{n} SDE steps{' with CFG (x2)' if cfg_x == 2 else ''}; reference forwards",
         )
+    if a.name in ("flow_grpo_fast", "mixgrpo"):
+        wf = a.flow_grpo_fast if a.name == "flow_grpo_fast" else a.mixgrpo
+        n = wf.sde_window_size * wf.inner_steps
+        cfg_x = 2 if cfg.rollout.guidance_scale != 1.0 else 1
+        ref = n if wf.kl_beta > 0 else 0
+        return (
+            n * cfg_x,
+            ref * cfg_x,
+            f"{n} SDE-window steps{' with CFG (x2)' if cfg_x == 2 else ''}"
+            + ("; reference forwards" if ref else ""),
+        )
     if a.name == "nft":
         nf = a.nft
         n = max(1, int(n_steps * nf.timestep_fraction))
@@ -341,7 +352,7 @@ def learner_passes(cfg: RunConfig, staleness: int) -> tuple[float, float, str]:
 
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "CPU": 0.1}
 MFU = {"rollout": 0.40, "learner": 0.35, "reward": 0.15}
-REWARD_TFLOP = {  # per image, the reward model's forward (ALGORITHMS.md §7)
+REWARD_TFLOP = {  # per image, the reward model's forward (docs/algorithms.md §7)
     "geneval": (0.85, "Mask2Former Swin-S at 512² (~0.35) + CLIP ViT-L/14 on ~3 crops (~0.5)"),
     "pickscore": (0.35, "CLIP ViT-H/14 image + text towers at 224²"),
     "ocr": (0.05, "PaddleOCR detection + recognition"),
@@ -540,9 +551,13 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
     n = prompts * g
     noise = float(getattr(cfg.algorithm.params(), "noise_level", 0.7))
     t0 = time.perf_counter()
-    eng = RolloutEngine(cfg.model, cfg.rollout, cfg.sampler(), noise_level=noise, device=device)  # type: ignore[arg-type]
-    eng.sample(batch_prompts[:1], g, list(range(g)))  # warm-up
-    out = eng.sample(batch_prompts, g, list(range(100, 100 + n)))
+    eng = RolloutEngine(
+        cfg.model, cfg.rollout, cfg.sampler(), noise_level=noise, sigma_grid=cfg.sigma_grid(), device=device
+    )  # type: ignore[arg-type]
+    obj = build_objective(cfg.algorithm)
+    window = obj.rollout_window(1, cfg.rollout.num_steps, cfg.train.seed)  # MixGRPO, Flow-GRPO-Fast
+    eng.sample(batch_prompts[:1], g, list(range(g)), window)  # warm-up
+    out = eng.sample(batch_prompts, g, list(range(100, 100 + n)), window)
     rollout_s = out["seconds"] / n
     log(
         f"  measured rollout: {n} images in {out['seconds']:.2f} s (load + warm-up {time.perf_counter() - t0:.1f} s)"
@@ -563,7 +578,6 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
         reward_cpu = reward_cpu and cfg.reward.server(name).gpus == 0
     log(f"  measured reward: {reward_s * 1e3:.2f} ms/image ({', '.join(cfg.reward.weights)})")
 
-    obj = build_objective(cfg.algorithm)
     stale = work.max_staleness >= 1
     lrn = LearnerEngine(
         cfg.model,
@@ -592,6 +606,7 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
         "policy_version": 0,
         "trajectory": out.get("trajectory"),
         "logp": out.get("logp"),
+        "window_start": out.get("window_start", 0),
     }
     lrn.train_step(shard, 1)  # warm-up (on-policy); publishes version 1
     t1 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Loading, prompt encoding, the velocity call, latent <-> image conversion and the deterministic sampler
 live here once (DESIGN.md "Conventions": what two roles share lives in a module both import). Plain
-torch, no Ray. Conventions follow ALGORITHMS.md §1: flow time ``sigma`` in [0, 1] (1 = noise), the SD3
+torch, no Ray. Conventions follow docs/algorithms.md §1: flow time ``sigma`` in [0, 1] (1 = noise), the SD3
 transformer is fed ``timestep = 1000·sigma`` and predicts the velocity ``v = eps - x0``; latents are SD3-
 normalised, ``latent = (z - shift_factor)·scaling_factor`` with ``z`` the VAE posterior.
 """
@@ -74,7 +74,7 @@ def load_pipeline(
 ) -> StableDiffusion3Pipeline:
     """``StableDiffusion3Pipeline.from_pretrained`` on the resolved path; a folder without T5 (no
     ``text_encoder_3`` in its model_index.json, or a null entry) is loaded with ``text_encoder_3=None,
-    tokenizer_3=None``, which diffusers requires for the omitted slots (NOTES-stack.md)."""
+    tokenizer_3=None``, which diffusers requires for the omitted slots (docs/stack-notes.md)."""
     from diffusers import StableDiffusion3Pipeline as Pipeline
 
     resolved = resolve_model_path(path)
@@ -119,7 +119,7 @@ def encode_prompts(
 
 
 def empty_prompt_embeds(pipe: StableDiffusion3Pipeline) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unconditional (empty-prompt) embedding for CFG (ALGORITHMS.md §2.2), computed once per
+    """The unconditional (empty-prompt) embedding for CFG (docs/algorithms.md §2.2), computed once per
     pipeline and cached; shapes ``(1, L, D)`` and ``(1, P)``. Stale if the text encoders are trained."""
     cached = _EMPTY_CACHE.get(pipe)
     if cached is None:
@@ -139,9 +139,11 @@ def velocity(
     prompt_embeds_bld: torch.Tensor,
     pooled_bd: torch.Tensor,
 ) -> torch.Tensor:
-    """``v_theta(x_sigma, sigma, c)``: the SD3 transformer fed ``timestep = 1000·sigma`` (float, §1)."""
+    """``v_theta(x_sigma, sigma, c)``: the SD3 transformer fed ``timestep = 1000·sigma`` in float32 whatever
+    the network's dtype, as upstream feeds it (bf16 would move a 40-step grid's timesteps by up to 2/1000);
+    the transformer's sinusoidal embedding casts after computing in float32."""
     dtype = transformer.dtype
-    timestep_b = (1000.0 * sigma_b).to(device=x_bchw.device, dtype=dtype)
+    timestep_b = (1000.0 * sigma_b).to(device=x_bchw.device, dtype=torch.float32)
     out = transformer(
         hidden_states=x_bchw.to(dtype),
         timestep=timestep_b,
@@ -214,7 +216,7 @@ def sample(
     height: int | None = None,
     width: int | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Deterministic ODE sampling (ALGORITHMS.md §2.1) of one image per (prompt, seed), batched.
+    """Deterministic ODE sampling (docs/algorithms.md §2.1) of one image per (prompt, seed), batched.
 
     Returns the final clean latents ``(B, C, h, w)`` (float32, SD3-normalised: what V-GRPO's rollout
     stores, §2.3) and the decoded uint8 images ``(B, H, W, 3)``. CFG (§2.2) batches ``[uncond; cond]`` in

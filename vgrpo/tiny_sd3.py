@@ -15,7 +15,7 @@ Pretraining (``pretrain``) has two stages, each with its own seeded RNG streams:
    reconstruction, edge- and object-weighted (flat colour shapes on grey: most pixels are background,
    the detector lives on edges and interiors), tiny KL; then ``shift_factor``/``scaling_factor`` from the
    latent statistics (SD3's normalisation);
-2. the transformer (adaLN-Zero init) and both text encoders with the rectified-flow loss (ALGORITHMS.md
+2. the transformer (adaLN-Zero init) and both text encoders with the rectified-flow loss (docs/algorithms.md
    §1) ``‖v_θ(x_t, t, c) − (ε − x0)‖²``, ``x_t = (1−t)·x0 + t·ε``, ``t`` logit-normal then SD3-shifted,
    on pairs ``(render(scene_for_prompt(p)), p)`` (the training split plus the six single-object captions,
    see :func:`pretraining_prompts`), 10 % caption dropout (CFG possible), constant learning rate and an
@@ -64,7 +64,7 @@ from vgrpo.shapes.spec import BACKGROUND, Scene
 
 CLIPTokenizer = Any  # transformers.CLIPTokenizer (lazily imported, opaque to mypy)
 
-# The whole vocabulary of GenEval-Shapes prompts (GENEVAL_SHAPES.md "Vocabulary" and the six templates),
+# The whole vocabulary of GenEval-Shapes prompts (docs/geneval-shapes.md "Vocabulary" and the six templates),
 # frozen here because the tokenizer is part of the shipped model.
 SHAPE_WORDS = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLOR_WORDS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -378,7 +378,7 @@ def build_tokenizer() -> CLIPTokenizer:
 
 def build_text_encoder(tokenizer: CLIPTokenizer, hidden: int = 64, proj: int = 32, layers: int = 3):
     """A small ``CLIPTextModelWithProjection`` whose bos/eos/pad ids are the tokenizer's (the pooled
-    output reads the eos position, NOTES-stack.md)."""
+    output reads the eos position, docs/stack-notes.md)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -502,7 +502,7 @@ def render_scenes(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def pretraining_prompts() -> dict[str, list[str]]:
-    """The caption pool of pretraining, by family: the training split (GENEVAL_SHAPES.md), plus the six
+    """The caption pool of pretraining, by family: the training split (docs/geneval-shapes.md), plus the six
     single-object captions. The split holds no single_object prompt (all six are held out, the other
     families teaching every shape); a base model knowing what "a photo of a circle" is stands in for the
     web-scale pretraining that lets SD3.5 name single objects (GenEval single_object 0.98). RL trains on
@@ -672,7 +672,7 @@ def train_flow(
     log: Callable[[str], None],
     on_checkpoint: Callable[[int, StableDiffusion3Pipeline], None] | None = None,
 ) -> StableDiffusion3Pipeline:
-    """Stage 2: rectified-flow regression (ALGORITHMS.md §1) of the transformer and both text encoders;
+    """Stage 2: rectified-flow regression (docs/algorithms.md §1) of the transformer and both text encoders;
     returns a pipeline holding the EMA weights (the VAE stays frozen)."""
     from vgrpo.policy import encode_prompts, velocity
 
@@ -696,7 +696,7 @@ def train_flow(
         x0_bchw = latents_nchw[idx.to(dev)]
         eps_bchw = torch.randn(x0_bchw.shape, generator=gen).to(dev)
         u_b = torch.sigmoid(torch.randn(cfg.flow_batch, generator=gen)).to(dev)  # SD3's logit-normal(0, 1)
-        t_b = cfg.shift * u_b / (1 + (cfg.shift - 1) * u_b)  # SD3's shift (ALGORITHMS.md §1)
+        t_b = cfg.shift * u_b / (1 + (cfg.shift - 1) * u_b)  # SD3's shift (docs/algorithms.md §1)
         t_b4 = t_b.view(-1, 1, 1, 1)
         xt_bchw = (1 - t_b4) * x0_bchw + t_b4 * eps_bchw
         embeds_bld, pooled_bd = encode_prompts(pipe, batch_prompts)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from vgrpo.learner.objectives.base import FlowPolicy, Objective, TrainBatch, index_cond, mean_d
 from vgrpo.learner.objectives.dgpo import DGPO
-from vgrpo.learner.objectives.flow_grpo import FlowGRPO
+from vgrpo.learner.objectives.flow_grpo import FlowGRPO, WindowedFlowGRPO
+from vgrpo.learner.objectives.flow_grpo_fast import FlowGRPOFast
+from vgrpo.learner.objectives.mixgrpo import MixGRPO
 from vgrpo.learner.objectives.nft import DiffusionNFT
 from vgrpo.learner.objectives.vgrpo import VGRPO
 from vgrpo.proto.config import AlgorithmConfig
@@ -15,6 +17,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "dgpo": DGPO,
     "flow_grpo": FlowGRPO,
     "nft": DiffusionNFT,
+    "flow_grpo_fast": FlowGRPOFast,
+    "mixgrpo": MixGRPO,
 }
 
 
@@ -29,9 +33,12 @@ __all__ = [
     "VGRPO",
     "DiffusionNFT",
     "FlowGRPO",
+    "FlowGRPOFast",
     "FlowPolicy",
+    "MixGRPO",
     "Objective",
     "TrainBatch",
+    "WindowedFlowGRPO",
     "build_objective",
     "index_cond",
     "mean_d",

@@ -42,7 +42,7 @@ def index_cond(cond: Any, idx: torch.Tensor) -> Any:
 
 
 def mean_d(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the batch (ALGORITHMS.md's mean_d)."""
+    """Mean over every dimension but the batch (docs/algorithms.md's mean_d)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
@@ -52,7 +52,10 @@ class TrainBatch:
 
     ``latents_bchw`` is the final sample o = x_0 of each image; ``sigmas`` the rollout grid (N+1,);
     ``group_ids_b`` the prompt group of each image. Flow-GRPO also carries the whole trajectory
-    ``trajectory_btchw`` (x at sigma_0..sigma_N) and ``logp_old_bt`` (log p of each recorded transition).
+    ``trajectory_btchw`` (x at sigma_0..sigma_N) and ``logp_old_bt`` (log p of each recorded transition);
+    the windowed objectives (MixGRPO, Flow-GRPO-Fast) carry only their SDE window's W + 1 latents (x at
+    sigma_s..sigma_{s+W}) and W log-probs, with ``window_start`` = s, the grid index of
+    ``trajectory_btchw[:, 0]`` (0 for Flow-GRPO's whole trajectory).
     """
 
     latents_bchw: torch.Tensor
@@ -64,6 +67,7 @@ class TrainBatch:
     trajectory_btchw: torch.Tensor | None = None
     logp_old_bt: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    window_start: int = 0
 
     def __len__(self) -> int:
         return int(self.latents_bchw.shape[0])
@@ -80,6 +84,7 @@ class TrainBatch:
             trajectory_btchw=opt(self.trajectory_btchw),
             logp_old_bt=opt(self.logp_old_bt),
             extras=self.extras,
+            window_start=self.window_start,
         )
 
 
@@ -87,7 +92,7 @@ class Objective(ABC):
     """Base of V-GRPO, DGPO, Flow-GRPO and DiffusionNFT."""
 
     name: ClassVar[str]
-    sampler: ClassVar[Literal["dpm2", "sde"]] = "dpm2"  # the rollout sampler the objective needs
+    sampler: ClassVar[Literal["dpm2", "sde", "sde_window"]] = "dpm2"  # the rollout sampler it needs
     records_trajectory: ClassVar[bool] = False  # rollouts must keep every x_i and log-prob
     needs_ref: ClassVar[bool] = False  # a frozen reference policy (LoRA disabled)
     old_policy: ClassVar[Literal["behaviour", "ema", "none"]] = "behaviour"
@@ -112,6 +117,23 @@ class Objective(ABC):
 
     def old_decay(self, step: int) -> float | None:
         """EMA decay d for ``old <- d old + (1 - d) current`` after optimiser step ``step`` (None: no EMA)."""
+        return None
+
+    def rollout_policy(self, version: int) -> Literal["current", "old"]:
+        """Which weights the rollout workers sample with once version ``version`` is published: the
+        trainable ones (``current``), or the objective's old copy (``old``: DiffusionNFT always, DGPO after
+        ``switch_ema_ref`` steps). Evaluation, checkpoints and export always use the current weights."""
+        return "current"
+
+    def train_subset(self, batch: TrainBatch) -> tuple[TrainBatch, dict[str, float]]:
+        """The part of a rank's batch the update trains on (all of it unless the objective drops samples,
+        as Flow-GRPO drops zero-advantage ones), and diagnostics about what was dropped."""
+        return batch, {}
+
+    def rollout_window(self, step: int, num_steps: int, seed: int) -> tuple[int, int] | None:
+        """The SDE window (start, size) of training step ``step``'s rollouts on an ``num_steps``-step schedule,
+        for objectives that sample with ``sde_window`` (MixGRPO, Flow-GRPO-Fast); None for the others. A pure
+        function of its arguments: the driver calls it once per step and a resumed run draws the same."""
         return None
 
     @abstractmethod

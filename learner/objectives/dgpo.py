@@ -1,4 +1,4 @@
-"""DGPO (Luo, Hu, Tang 2025), ALGORITHMS.md §5.3: DPO from pairs to advantage-weighted groups.
+"""DGPO (Luo, Hu, Tang 2025), docs/algorithms.md §5.3: DPO from pairs to advantage-weighted groups.
 
 For each of M high-noise grid times (shared by the batch) with one eps per prompt group:
 
@@ -6,11 +6,14 @@ For each of M high-noise grid times (shared by the batch) with one eps per promp
     s_g   = (beta_dpo / G) sum_{i in g} A_i sg(l_i - l_ref_i),   w_g = sigmoid(s_g)      (detached)
     L     = mean_i w_g(i) A_i l_i + beta_KL mean_i mean_d (v_theta - v_ref)^2
 
-PPO-style drop: with rho_i = exp(l_old_i - l_i) against the EMA "old" copy, a sample with A > 0 and
+The M times are drawn once per update, shared by all ranks; after ``switch_ema_ref`` updates the rollouts
+are sampled with the EMA copy. PPO-style drop: with rho_i = exp(l_old_i - l_i) against the EMA "old" copy, a sample with A > 0 and
 rho > 1 + c, or A <= 0 and rho < 1 - c, has its l_i detached (it contributes no gradient).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -32,6 +35,11 @@ class DGPO(Objective):
     def old_decay(self, step: int) -> float:
         return min(self.cfg.ema_decay_max, 0.001 * step)
 
+    def rollout_policy(self, version: int) -> Literal["current", "old"]:
+        # upstream samples with the EMA copy once global_step > switch_ema_ref (200; 500 in its GenEval config)
+        switch = self.cfg.switch_ema_ref
+        return "old" if switch is not None and version > switch else "current"
+
     def loss(
         self, policy: FlowPolicy, batch: TrainBatch, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -39,7 +47,10 @@ class DGPO(Objective):
         x0_bchw = batch.latents_bchw.float()
         n_grid = len(batch.sigmas) - 1
         candidates = torch.arange(min(cfg.trunc_steps + 1, n_grid))
-        pick = candidates[torch.randperm(len(candidates), generator=generator)[: cfg.num_timesteps]]
+        # the M times are drawn once per update and shared by every micro-batch and rank (upstream draws
+        # them on rank 0 and broadcasts): a generator of (seed, step) alone, not the rank's own stream
+        step_gen = torch.Generator().manual_seed(int(batch.extras.get("step_seed", 0)))
+        pick = candidates[torch.randperm(len(candidates), generator=step_gen)[: cfg.num_timesteps]]
         groups, group_b = torch.unique(batch.group_ids_b, return_inverse=True)
         count_g = torch.bincount(group_b, minlength=len(groups)).double()
         adv_b = batch.advantages_b.double()

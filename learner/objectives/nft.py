@@ -1,4 +1,7 @@
-"""DiffusionNFT (Zheng et al. 2025), ALGORITHMS.md §5.2: negative-aware fine-tuning on the forward process.
+"""DiffusionNFT (Zheng et al. 2025), docs/algorithms.md §5.2: negative-aware fine-tuning on the forward process.
+
+Rollouts are sampled with the old policy (the EMA of the trained weights), as upstream does; evaluation
+and export use the trained weights.
 
 Per image, grid time t (each image its own permutation of the grid), fresh eps:
 
@@ -10,6 +13,8 @@ Per image, grid time t (each image its own permutation of the grid), fresh eps:
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -28,6 +33,10 @@ class DiffusionNFT(Objective):
 
     def old_decay(self, step: int) -> float:
         return min(self.cfg.old_decay_rate * step, self.cfg.old_decay_max)
+
+    def rollout_policy(self, version: int) -> Literal["current", "old"]:
+        # upstream train_nft_sd3.py samples every batch with the "old" adapter and evaluates "default"
+        return "old" if self.cfg.sample_with_old else "current"
 
     def loss(
         self, policy: FlowPolicy, batch: TrainBatch, generator: torch.Generator

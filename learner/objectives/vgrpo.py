@@ -1,4 +1,4 @@
-"""V-GRPO (Tang et al. 2026), ALGORITHMS.md §4: GRPO on an ELBO surrogate of the final sample.
+"""V-GRPO (Tang et al. 2026), docs/algorithms.md §4: GRPO on an ELBO surrogate of the final sample.
 
 z_t = (1 - t) o + t eps,   x0_hat = z_t - t v(z_t, t, c)
 l(o; t, eps) = mean_d (x0_hat - o)^2 / sg(max(mean_d |x0_hat - o|, 1e-5))       (adaptive weighting)

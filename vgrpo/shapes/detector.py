@@ -1,4 +1,4 @@
-"""The GenEval-Shapes detector (GENEVAL_SHAPES.md "Detector"), standing in for GenEval's Mask2Former +
+"""The GenEval-Shapes detector (docs/geneval-shapes.md "Detector"), standing in for GenEval's Mask2Former +
 CLIP colour classifier: segments flat shapes from the grey background, names each one's shape by
 matching the six spec shapes drawn in its bounding box, and its colour by the nearest palette colour in
 CIELAB, judged from the object's interior. Exact on clean spec images, tolerant of blur, noise and JPEG."""

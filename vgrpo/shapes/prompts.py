@@ -1,4 +1,4 @@
-"""GenEval-Shapes prompts (GENEVAL_SHAPES.md "Prompts"): the six GenEval templates, a parser that turns a
+"""GenEval-Shapes prompts (docs/geneval-shapes.md "Prompts"): the six GenEval templates, a parser that turns a
 prompt into the clauses the reward checks, random prompts and scenes that satisfy them, and the fixed,
 disjoint training / held-out splits in GenEval's metadata format."""
 

@@ -1,4 +1,4 @@
-"""Draws GenEval-Shapes scenes (GENEVAL_SHAPES.md "Images"): flat shapes on the grey background,
+"""Draws GenEval-Shapes scenes (docs/geneval-shapes.md "Images"): flat shapes on the grey background,
 anti-aliased by supersampling, and random scenes that respect the spec's size, gap and border rules."""
 
 from __future__ import annotations

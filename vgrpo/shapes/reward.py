@@ -1,4 +1,4 @@
-"""Judges detections against a prompt with GenEval's rules (GENEVAL_SHAPES.md "Prompts", ALGORITHMS.md
+"""Judges detections against a prompt with GenEval's rules (docs/geneval-shapes.md "Prompts", docs/algorithms.md
 §7.1): every clause of the prompt gets an outcome and a reason; the evaluation score is 1 iff all hold
 (GenEval's binary metric) and the training reward is the fraction that hold (partial credit)."""
 

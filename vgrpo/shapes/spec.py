@@ -1,4 +1,4 @@
-"""The GenEval-Shapes vocabulary and geometry (docs: /work/shared/GENEVAL_SHAPES.md, "Vocabulary" and
+"""The GenEval-Shapes vocabulary and geometry (docs/geneval-shapes.md, "Vocabulary" and
 "Images"). The renderer, the prompt generator, the detector and the reward all read their constants and
 their one geometric rule (GenEval's position rule) from here, so that they cannot drift apart."""
 
@@ -84,7 +84,7 @@ def inside(shape: str, dx: np.ndarray, dy: np.ndarray, side: float) -> np.ndarra
 def relation_direction(
     c1: tuple[float, float], d1: tuple[float, float], c2: tuple[float, float], d2: tuple[float, float]
 ) -> tuple[float, float] | None:
-    """GenEval's position rule (ALGORITHMS.md §7.1): `off = c1 - c2`, per axis
+    """GenEval's position rule (docs/algorithms.md §7.1): `off = c1 - c2`, per axis
     `rev = max(|off| - 0.1 (d1 + d2), 0) sign(off)` with the box widths on x and heights on y;
     None when both are ~0 (no relation), else `rev / ||off||` (y grows downwards)."""
     off = (c1[0] - c2[0], c1[1] - c2[1])

@@ -10,12 +10,19 @@ import torch
 
 from vgrpo.learner.objectives import Objective, TrainBatch, build_objective
 from vgrpo.proto.config import AlgorithmConfig
-from vgrpo.rollout_workers.samplers import ode_sample, sd3_sigmas, sde_sample
+from vgrpo.rollout_workers.samplers import ode_sample, sd3_sigmas, sde_sample, sde_window_sample
 from vgrpo.toy.world import ToyPolicy, ToyWorld, pretrained_model
 
 # Learning rates for the toy, per objective: each objective's loss has its own scale (NFT's is multiplied
 # by 5/beta, DGPO's by sigmoid weights and advantages), so one shared rate would favour some of them.
-TOY_LR = {"vgrpo": 3e-3, "dgpo": 3e-3, "flow_grpo": 3e-3, "nft": 1e-3}
+TOY_LR = {
+    "vgrpo": 3e-3,
+    "dgpo": 3e-3,
+    "flow_grpo": 3e-3,
+    "nft": 1e-3,
+    "flow_grpo_fast": 3e-3,
+    "mixgrpo": 3e-3,
+}
 
 # Where the toy departs from a paper default, and why. DGPO trains only on the high-noise part of the grid
 # (indices 0..4), tuned for SD3 with shift 3; the toy's unshifted grid decides between modes later, so it
@@ -54,8 +61,11 @@ def rollout(
     gen: torch.Generator,
     which: str = "current",
     noise_level: float = 0.7,
+    window: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Final samples (and for the SDE sampler the trajectory and per-step log-probs) of one batch."""
+    """Final samples (and for the SDE sampler the trajectory and per-step log-probs) of one batch. The
+    windowed sampler (MixGRPO, Flow-GRPO-Fast) records only ``window = (start, W)`` (default: the window of
+    training step 1)."""
     x = torch.randn((len(cond_b), 2), generator=gen)
 
     def v_fn(x_bd: torch.Tensor, sigma_b: torch.Tensor) -> torch.Tensor:
@@ -64,6 +74,10 @@ def rollout(
     with torch.no_grad():
         if objective.sampler == "dpm2":
             return ode_sample(v_fn, x, sigmas, "dpm2"), None, None
+        if objective.sampler == "sde_window":
+            window = window or objective.rollout_window(1, len(sigmas) - 1, 0)
+            assert window is not None
+            return sde_window_sample(v_fn, x, sigmas, window, noise_level, generator=gen)
         return sde_sample(v_fn, x, sigmas, noise_level, generator=gen)
 
 
@@ -107,14 +121,20 @@ def train_toy(
             group_size
         )
         group_b = torch.arange(prompts_per_step).repeat_interleave(group_size)
-        which = "old" if objective.old_policy == "ema" and algorithm.name == "nft" else "current"
-        x0, traj, logp = rollout(policy, objective, cond_b, sigmas, gen, which, noise_level)
+        which = objective.rollout_policy(step - 1)  # DiffusionNFT samples with its old (EMA) policy
+        window = objective.rollout_window(step, num_steps, seed)  # MixGRPO / Flow-GRPO-Fast; else None
+        x0, traj, logp = rollout(policy, objective, cond_b, sigmas, gen, which, noise_level, window)
         rewards_b = world.reward(x0, cond_b)
         adv_b, _ = objective.advantages(rewards_b, group_b)
-        batch = TrainBatch(x0, cond_b, group_b, adv_b, sigmas, 1.0, traj, logp)
+        window_start = window[0] if window is not None else 0
+        batch, _ = objective.train_subset(
+            TrainBatch(x0, cond_b, group_b, adv_b, sigmas, 1.0, traj, logp, window_start=window_start)
+        )
+        batch.extras["step_seed"] = step
         if objective.old_policy == "behaviour":
             policy.sync_old()
-        for _ in range(objective.num_inner_steps()):
+        loss = torch.zeros(())
+        for _ in range(objective.num_inner_steps() if len(batch) else 0):  # nothing left: no update
             loss, _ = objective.loss(policy, batch, gen)
             opt.zero_grad()
             loss.backward()
