@@ -17,11 +17,11 @@ scaled down only through the shared rollout (10 sampler steps, CFG w = 5, P x G 
 
 Per-run budget (the defaults): 160 steps or 12 minutes (720 s) of wall-clock from launch, whichever comes
 first (at the limit: SIGINT, the driver checkpoints and exits 130); a held-out evaluation every 20 steps
-with 2 images per held-out prompt (the session-5 race's settings, with the limit raised from 7 to 12
+with 2 images per held-out prompt (the 2026-11-26 race's settings, with the limit raised from 7 to 12
 minutes so that the slowest objective at its paper's settings, Flow-GRPO at ~4.3 s a step on this 2-core
 machine, gets ~150 of the 160 steps). Time estimate for the full race (6 objectives x 3 seeds = 18 runs):
 at most 18 x (720 s + ~45 s launch/stop overhead) + 3 starting-policy evaluations = ~3.9 h; at the
-session-5 rates (V-GRPO and DGPO ~2.2 s a step end at 160 steps in ~7.5 min, the others at the 12-minute
+2026-11-26 race's rates (V-GRPO and DGPO ~2.2 s a step end at 160 steps in ~7.5 min, the others at the 12-minute
 limit) ~3.3 h. The script prints its estimate for the runs still to do and refuses to start when it
 exceeds --budget-hours (default 5; 0 turns the guard off).
 
@@ -29,7 +29,7 @@ From each run's metrics.jsonl (`eval/overall`, `eval/<family>` every `train.eval
 `reward_mean`, `time/step`, `images_per_s` every step) it reports:
 
 - the target: --target-frac (0.9) x the best final held-out score of any objective (mean over seeds), as
-  in the session-5 race (docs/benchmarks.md); a target no higher than the starting policy's score is
+  in the 2026-11-26 race (docs/benchmarks.md); a target no higher than the starting policy's score is
   called out (then no time to target means anything);
 - time to target per run, in training seconds (the sum of `time/step`: training wall-clock with the
   evaluations left out; `wall_s` beside each evaluation counts everything from launch) and in images
@@ -809,7 +809,7 @@ def estimate_s(todo: int, starts: int, args: argparse.Namespace) -> float:
 def main() -> None:
     args = parse_args()
     name = "race_smoke" if args.smoke else "race"
-    # the race's runs are kept beside its JSON (result.json per run: a later session resumes from them);
+    # the race's runs are kept beside its JSON (result.json per run: a later invocation resumes from them);
     # the smoke's go to runs/ (git-ignored)
     runs_dir = args.runs_dir or (ROOT / "runs" / "race_smoke" if args.smoke else RESULTS / "race_v2_runs")
     out = args.out or RESULTS / f"{name}.json"
