@@ -37,3 +37,22 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# the toy world and its pretrained policy, shared by the objective tests (test_objectives.py,
+# test_window_objectives.py)
+@pytest.fixture(scope="module")
+def world():
+    from vgrpo.toy.world import ToyWorld
+
+    return ToyWorld()
+
+
+@pytest.fixture
+def policy(world):
+    import torch
+
+    from vgrpo.toy.world import ToyPolicy, pretrained_model
+
+    torch.manual_seed(0)
+    return ToyPolicy(pretrained_model(world, steps=300))

@@ -21,18 +21,7 @@ from vgrpo.proto.config import (
 )
 from vgrpo.rollout_workers.samplers import sd3_sigmas
 from vgrpo.toy.train import rollout
-from vgrpo.toy.world import ToyPolicy, ToyWorld, pretrained_model
-
-
-@pytest.fixture(scope="module")
-def world():
-    return ToyWorld()
-
-
-@pytest.fixture
-def policy(world):
-    torch.manual_seed(0)
-    return ToyPolicy(pretrained_model(world, steps=300))
+from vgrpo.toy.world import ToyPolicy, pretrained_model
 
 
 def make_batch(world, policy, objective, sigmas, seed=0, groups=3, group_size=4):

@@ -23,7 +23,6 @@ from vgrpo.proto.config import (
 )
 from vgrpo.rollout_workers.samplers import sd3_sigmas
 from vgrpo.toy.train import rollout
-from vgrpo.toy.world import ToyPolicy, ToyWorld, pretrained_model
 
 WINDOWED = ("mixgrpo", "flow_grpo_fast")
 
@@ -89,17 +88,6 @@ def test_paper_defaults():
 
 
 # ---------------------------------------------------------------------------------------------- the loss
-
-
-@pytest.fixture(scope="module")
-def world():
-    return ToyWorld()
-
-
-@pytest.fixture
-def policy(world):
-    torch.manual_seed(0)
-    return ToyPolicy(pretrained_model(world, steps=300))
 
 
 def grads(module):
