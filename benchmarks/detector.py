@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from vgrpo.shapes.detector import detect
+from vgrpo.reward_servers.shapes.detector import detect
+from vgrpo.reward_servers.shapes.rules import evaluate
+from vgrpo.reward_servers.shapes.spec import FAMILIES
 from vgrpo.shapes.prompts import make_prompt, scene_for_prompt, violate_prompt
 from vgrpo.shapes.render import render_scene
-from vgrpo.shapes.reward import evaluate
-from vgrpo.shapes.spec import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vgrpo import policy as P
-from vgrpo.adapters import (
+from vgrpo.core import policy as P
+from vgrpo.core.adapters import (
     OLD_ADAPTER,
     TRAIN_ADAPTER,
     adapter_params,
@@ -51,11 +51,11 @@ from vgrpo.adapters import (
     load_weights,
     trainable_params,
 )
+from vgrpo.core.flow import apply_cfg, ode_sample, sd3_sigmas
 from vgrpo.learner.engine import SD3LearnerPolicy
 from vgrpo.learner.objectives.base import TrainBatch
 from vgrpo.learner.objectives.vgrpo import VGRPO
 from vgrpo.proto.config import LoraConfig, VGRPOConfig
-from vgrpo.rollout_workers.samplers import apply_cfg, ode_sample, sd3_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"

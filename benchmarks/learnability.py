@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vgrpo-torch-extensions"))
     from vgrpo.data import PromptSource
     from vgrpo.driver import derive_seeds, learner_shards
-    from vgrpo.evaluate import load_prompt_rows
+    from vgrpo.evaluate import load_prompt_rows, score_heldout, shapes_reward
     from vgrpo.learner.engine import LearnerEngine
     from vgrpo.proto.config import load_config
     from vgrpo.reward_servers.registry import get_reward
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = load_prompt_rows(d.eval_prompts, d.eval_max_prompts)
 
     def evaluate() -> dict:
-        res = rollout.evaluate(
-            rows,
+        sampled = rollout.sample_heldout(
+            [row["prompt"] for row in rows],
             images_per_prompt=d.eval_images_per_prompt,
             seed=seed,
             num_steps=d.eval_num_steps,
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             shift=r.shift,
             batch_size=r.batch_size,
         )
+        res = score_heldout(rows, sampled, shapes_reward(), "shapes")
         return {"overall": res["overall"], "families": res["families"]}
 
     history: list[dict] = []

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _shapes_images(n: int) -> tuple[list[np.ndarray], list[str], list[dict] | None]:
+    from vgrpo.reward_servers.shapes.spec import FAMILIES
     from vgrpo.shapes.prompts import make_prompt, scene_for_prompt
     from vgrpo.shapes.render import render_scene
-    from vgrpo.shapes.spec import FAMILIES
 
     rng = np.random.default_rng(0)
     prompts = [make_prompt(str(FAMILIES[i % len(FAMILIES)]), rng) for i in range(n)]
@@ -63,7 +63,7 @@ def _text_images(n: int) -> tuple[list[np.ndarray], list[str], None]:
 
 def workloads(tmp: Path, n: int, threads: int = 1) -> dict[str, tuple[dict[str, Any], Any]]:
     """reward name -> (options, batch maker) for the four rewards measured."""
-    from vgrpo.reward_servers.tiny_models import build_tiny_clip, build_tiny_mask2former
+    from vgrpo.tiny_rewards import build_tiny_clip, build_tiny_mask2former
 
     clip = build_tiny_clip(tmp / "clip")
     det = build_tiny_mask2former(tmp / "mask2former", image_size=256)

@@ -1,4 +1,4 @@
-"""Sampling throughput of the tiny SD3 pipeline (``vgrpo.policy.sample``: deterministic ODE + VAE decode).
+"""Sampling throughput of the tiny SD3 pipeline (``vgrpo.core.policy.sample``: deterministic ODE + VAE decode).
 
 Prints a table of images/s for batch sizes x step counts and writes JSON (default
 ``benchmarks/results/sampling.json`` under the project root, whatever the working directory).
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vgrpo.policy import Sampler, load_pipeline, sample
+from vgrpo.core.policy import Sampler, load_pipeline, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [

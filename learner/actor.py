@@ -1,6 +1,6 @@
 """A learner rank as a Ray actor: a thin shell around :class:`LearnerEngine`.
 
-The shell also records the rank's metrics (``vgrpo.metrics``): step time, loss, grad norm, clip
+The shell also records the rank's metrics (``vgrpo.core.metrics``): step time, loss, grad norm, clip
 fraction, weight publishing, policy version — timed around the engine's calls, which stay Ray-free.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 import ray
 import torch
 
-from vgrpo import metrics
+from vgrpo.core import metrics
+from vgrpo.core.weight_sync import WeightSyncMember
 from vgrpo.learner.engine import LearnerEngine
-from vgrpo.weight_sync import WeightSyncMember
 
 
 class LearnerShell(LearnerEngine, WeightSyncMember):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vgrpo import policy as P
-from vgrpo.adapters import (
+from vgrpo.core import policy as P
+from vgrpo.core.adapters import (
     OLD_ADAPTER,
     TRAIN_ADAPTER,
     adapter_params,
@@ -31,10 +31,10 @@ from vgrpo.adapters import (
     trainable_params,
     use_adapter,
 )
+from vgrpo.core.flow import apply_cfg
 from vgrpo.learner.objectives import Objective, TrainBatch, build_objective
 from vgrpo.learner.objectives.base import Which
 from vgrpo.proto.config import AlgorithmConfig, LearnerConfig, ModelConfig, RolloutConfig
-from vgrpo.rollout_workers.samplers import apply_cfg
 
 
 class NonFiniteLossError(RuntimeError):

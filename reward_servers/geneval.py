@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.reward_servers.shapes.spec import POSITION_MARGIN, relations
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 COLOR_TEMPLATES = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
@@ -46,7 +47,7 @@ THRESHOLD = 0.3  # GenEval: detection score threshold
 COUNTING_THRESHOLD = 0.9  # ... for prompts tagged `counting`
 MAX_OBJECTS = 16  # detections kept per class, by confidence
 NMS_THRESHOLD = 1.0  # overlap threshold 1.0: no NMS
-POSITION_THRESHOLD = 0.1  # margin: 0.1 x the summed box sizes, per axis
+POSITION_THRESHOLD = POSITION_MARGIN  # margin: 0.1 x the summed box sizes, per axis
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -103,24 +104,15 @@ def relative_position(
     rev = max(|off| − margin·(d_a + d_b), 0)·sign(off) per axis; no relation when |rev| < 1e-3 on both
     axes; else (dx, dy) = rev / ‖off‖ and left of dx < −0.5, right of dx > 0.5, above dy < −0.5,
     below dy > 0.5 (image y grows downward)."""
-    boxes = np.array([list(box_a)[:4], list(box_b)[:4]], dtype=np.float64).reshape(2, 2, 2)
-    center_a, center_b = boxes.mean(axis=-2)
-    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
-    offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - margin * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
-    return relations
+    xa0, ya0, xa1, ya1 = (float(v) for v in list(box_a)[:4])
+    xb0, yb0, xb1, yb1 = (float(v) for v in list(box_b)[:4])
+    return relations(
+        ((xa0 + xa1) / 2, (ya0 + ya1) / 2),
+        (abs(xa1 - xa0), abs(ya1 - ya0)),
+        ((xb0 + xb1) / 2, (yb0 + yb1) / 2),
+        (abs(xb1 - xb0), abs(yb1 - yb0)),
+        margin,
+    )
 
 
 def _color_counts(colors: list[str]) -> str:

@@ -39,7 +39,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from vgrpo import metrics
+from vgrpo.core import metrics
 from vgrpo.proto.config import RewardConfig, RewardServerConfig
 from vgrpo.reward_servers import registry
 from vgrpo.reward_servers.base import ScoredItem
@@ -125,7 +125,7 @@ class RewardDeployment:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (a unit test calling the class directly)
             self.replica = "local"
-        # --- metrics (vgrpo.metrics): requests held by this replica = its queue depth
+        # --- metrics (vgrpo.core.metrics): requests held by this replica = its queue depth
         self._in_flight = 0
         metrics.actor_started("reward", self.replica, error_kinds=("failure", "error"))
         metrics.reward_queue(self.name, self.replica, 0)

@@ -1,6 +1,6 @@
 """The rollout worker as a Ray actor: a thin shell around :class:`RolloutEngine`.
 
-The shell is also where the worker's metrics are recorded (``vgrpo.metrics``): the engine stays plain
+The shell is also where the worker's metrics are recorded (``vgrpo.core.metrics``): the engine stays plain
 torch so it can be timed in-process without Ray, and the shell times the calls the driver makes.
 """
 
@@ -13,9 +13,11 @@ from typing import Any
 import ray
 import torch
 
-from vgrpo import metrics
+from vgrpo.core import metrics
+from vgrpo.core.adapters import load_weights, trainable_params
+from vgrpo.core.heldout import sample_heldout
+from vgrpo.core.weight_sync import WeightSyncMember
 from vgrpo.rollout_workers.engine import RolloutEngine
-from vgrpo.weight_sync import WeightSyncMember
 
 
 class RolloutWorkerShell(RolloutEngine, WeightSyncMember):
@@ -77,25 +79,23 @@ class RolloutWorkerShell(RolloutEngine, WeightSyncMember):
         metrics.weights_synced("rollout", self.worker, seconds, n_bytes, got)
         return {"version": got, "seconds": seconds, "bytes": n_bytes}
 
-    def evaluate(
-        self, rows: list[dict], weights: dict[str, torch.Tensor] | None = None, **kwargs: Any
+    def sample_heldout(
+        self, prompts: list[str], weights: dict[str, torch.Tensor] | None = None, **kwargs: Any
     ) -> dict:
-        """Held-out evaluation with this worker's policy, or with ``weights`` (train.ema: the EMA policy)
-        swapped in for the evaluation only; the worker's own weights and version are restored after."""
+        """Held-out images with this worker's policy, or with ``weights`` (train.ema: the EMA policy; an
+        objective that samples with its old copy: the trained weights) swapped in for the evaluation
+        only; the worker's own weights and version are restored after."""
         if weights is None:
-            return super().evaluate(rows, **kwargs)
-        from vgrpo.adapters import load_weights, trainable_params
-        from vgrpo.evaluate import evaluate_policy
-
+            return super().sample_heldout(prompts, **kwargs)
         with self._lock:
             keep = {k: p.detach().clone() for k, p in trainable_params(self.pipe.transformer).items()}
             load_weights(self.pipe.transformer, weights)
             try:
-                result = evaluate_policy(self.pipe, rows, **kwargs)
+                result = sample_heldout(self.pipe, prompts, **kwargs)
             finally:
                 load_weights(self.pipe.transformer, keep)
             result["policy_version"] = self.version
-            result["weights"] = "ema"
+            result["weights"] = "given"
             return result
 
 

@@ -12,16 +12,17 @@ from typing import Any, Literal, cast
 
 import torch
 
-from vgrpo import policy as P
-from vgrpo.adapters import add_lora, load_weights, trainable_params
-from vgrpo.proto.config import ModelConfig, RolloutConfig
-from vgrpo.rollout_workers.samplers import (
+from vgrpo.core import policy as P
+from vgrpo.core.adapters import add_lora, load_weights, trainable_params
+from vgrpo.core.flow import (
     apply_cfg,
     ode_sample,
     sd3_sigmas,
     sde_sample,
     sde_window_sample,
 )
+from vgrpo.core.heldout import sample_heldout
+from vgrpo.proto.config import ModelConfig, RolloutConfig
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -78,7 +79,7 @@ class RolloutEngine:
         return self.version
 
     def receive_weights_from(self, group: Any) -> int:
-        """Take part in a weight broadcast (``vgrpo/weight_sync.py``: a collective, learner rank 0 sends)
+        """Take part in a weight broadcast (``core/weight_sync.py``: a collective, learner rank 0 sends)
         and adopt its version. The values land in place in the transformer's trainable parameters, under
         the sampling lock, and the version changes in the same critical section: a batch never mixes
         versions. A manifest that does not fit the model writes nothing (ValueError). A broadcast that
@@ -201,11 +202,10 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------------------------ evaluation
 
-    def evaluate(self, rows: list[dict], **kwargs: Any) -> dict:
-        """Held-out evaluation with this worker's current weights (GenEval-style table as a dict)."""
-        from vgrpo.evaluate import evaluate_policy
-
+    def sample_heldout(self, prompts: list[str], **kwargs: Any) -> dict:
+        """The held-out images of ``prompts`` with this worker's current weights (``core.heldout``: fixed
+        seeds, the deterministic ODE sampler); the driver scores and tabulates them."""
         with self._lock:
-            result = evaluate_policy(self.pipe, rows, **kwargs)
+            result = sample_heldout(self.pipe, prompts, **kwargs)
             result["policy_version"] = self.version
             return result

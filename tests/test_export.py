@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from vgrpo.adapters import add_lora, trainable_params
 from vgrpo.checkpoints import export_policy, load_run_pipeline
-from vgrpo.policy import load_pipeline, sample
+from vgrpo.core.adapters import add_lora, trainable_params
+from vgrpo.core.policy import load_pipeline, sample
 from vgrpo.proto.config import RunConfig, dump_config
 
 PROMPT = ["a photo of a red circle and a blue square"]

@@ -56,7 +56,7 @@ def test_guided_training_forward_differentiates_only_the_conditional_branch() ->
 
 
 def test_the_timestep_reaches_the_transformer_in_float32() -> None:
-    from vgrpo.policy import velocity
+    from vgrpo.core.policy import velocity
 
     net = FakeTransformer()
     velocity(net, torch.zeros(1, 1, 2, 2), torch.tensor([0.123456]), torch.zeros(1, 3, 2), torch.zeros(1, 2))  # type: ignore[arg-type]
@@ -87,7 +87,7 @@ def test_the_diffusers_grid_is_flow_match_euler_schedulers() -> None:
     sample SD3 with (last non-zero sigma 0.0089 at N = 10)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from vgrpo.rollout_workers.samplers import sd3_sigmas
+    from vgrpo.core.flow import sd3_sigmas
 
     for n in (10, 40):
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
@@ -118,8 +118,8 @@ class RecordingPolicy:
 
 
 def _batch(n_groups: int = 2, g: int = 2, adv: list[float] | None = None) -> Any:
+    from vgrpo.core.flow import sd3_sigmas
     from vgrpo.learner.objectives import TrainBatch
-    from vgrpo.rollout_workers.samplers import sd3_sigmas
 
     b = n_groups * g
     gen = torch.Generator().manual_seed(1)

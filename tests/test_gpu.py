@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from vgrpo import policy as P
-from vgrpo.adapters import (
+from vgrpo.core import policy as P
+from vgrpo.core.adapters import (
     OLD_ADAPTER,
     TRAIN_ADAPTER,
     adapter_params,
@@ -29,12 +29,12 @@ from vgrpo.adapters import (
     load_weights,
     trainable_params,
 )
+from vgrpo.core.flow import ode_sample, sd3_sigmas
 from vgrpo.learner.engine import SD3LearnerPolicy
 from vgrpo.learner.objectives.base import TrainBatch
 from vgrpo.learner.objectives.vgrpo import VGRPO
 from vgrpo.model_configs import SD35_VAE, SD35M_TRANSFORMER
 from vgrpo.proto.config import AdvantageConfig, LoraConfig, VGRPOConfig
-from vgrpo.rollout_workers.samplers import ode_sample, sd3_sigmas
 
 if not torch.cuda.is_available():
     pytest.skip(

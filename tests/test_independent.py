@@ -19,13 +19,13 @@ import pytest
 import torch
 from torch import nn
 
+from vgrpo.core.flow import ode_sample, sd3_sigmas, sde_step_with_logprob, shift_sigma
 from vgrpo.learner.objectives import TrainBatch
 from vgrpo.learner.objectives.dgpo import DGPO
 from vgrpo.learner.objectives.flow_grpo import FlowGRPO
 from vgrpo.learner.objectives.nft import DiffusionNFT
 from vgrpo.learner.objectives.vgrpo import VGRPO
 from vgrpo.proto.config import DGPOConfig, FlowGRPOConfig, NFTConfig, VGRPOConfig
-from vgrpo.rollout_workers.samplers import ode_sample, sd3_sigmas, sde_step_with_logprob, shift_sigma
 
 C, H, W = 3, 4, 4  # latent shape of the fake samples
 DIMS = (1, 2, 3)

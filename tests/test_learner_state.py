@@ -43,7 +43,7 @@ def _engine(port: int, *sets: str) -> Any:
 
 
 def _shard(eng: Any, step: int) -> dict[str, Any]:
-    from vgrpo.rollout_workers.samplers import sd3_sigmas
+    from vgrpo.core.flow import sd3_sigmas
 
     c = eng.module.config
     rng = np.random.default_rng(step)
@@ -137,7 +137,7 @@ def test_eval_and_export_read_the_ema_weights_when_the_run_kept_them(tmp_path: P
 
 
 def _old_adapter(eng: Any) -> dict[str, torch.Tensor]:
-    from vgrpo.adapters import OLD_ADAPTER, adapter_params
+    from vgrpo.core.adapters import OLD_ADAPTER, adapter_params
 
     return {k: p.detach().clone() for k, p in adapter_params(eng.module, OLD_ADAPTER).items()}
 

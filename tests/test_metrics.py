@@ -1,4 +1,4 @@
-"""The metric table of vgrpo/metrics.py against what depends on its names: Ray's metric classes (a bad
+"""The metric table of core/metrics.py against what depends on its names: Ray's metric classes (a bad
 boundary or tag would only show as a missing series at run time), the Grafana dashboard's queries and the
 glossary. Fast and Prometheus-free; tests/test_dashboard_live.py is the live proof."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vgrpo import metrics
-from vgrpo.metrics import SPECS, exported_name
+from vgrpo.core import metrics
+from vgrpo.core.metrics import SPECS, exported_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

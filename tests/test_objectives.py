@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from vgrpo.core.flow import sd3_sigmas
 from vgrpo.learner.advantages import group_advantages
 from vgrpo.learner.objectives import OBJECTIVES, TrainBatch, build_objective
 from vgrpo.learner.objectives.vgrpo import VGRPO, adaptive_x0_loss, stratified_times
@@ -19,7 +20,6 @@ from vgrpo.proto.config import (
     NFTConfig,
     VGRPOConfig,
 )
-from vgrpo.rollout_workers.samplers import sd3_sigmas
 from vgrpo.toy.train import rollout
 from vgrpo.toy.world import ToyPolicy, pretrained_model
 

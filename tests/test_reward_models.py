@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vgrpo.reward_servers.registry import available_rewards, get_reward
-from vgrpo.reward_servers.tiny_models import PERSON, build_tiny_clip, build_tiny_mask2former
+from vgrpo.tiny_rewards import PERSON, build_tiny_clip, build_tiny_mask2former
 
 
 @pytest.fixture(scope="module")
@@ -365,8 +365,8 @@ def test_remote_reward_times_out_after_retries(service: tuple[str, type[_Service
 def test_evaluate_with_reward_tables(tmp_path: Path) -> None:
     """GenEval's table is the mean of per-tag binary accuracies; OCR reports exact matches; the samples
     use the same fixed seeds as the shapes benchmark."""
+    from vgrpo.core.policy import load_pipeline
     from vgrpo.evaluate import evaluate_with_reward, load_benchmark_rows
-    from vgrpo.policy import load_pipeline
     from vgrpo.reward_servers.base import Reward, ScoredItem
     from vgrpo.reward_servers.ocr import OcrPromptError
 

@@ -27,9 +27,9 @@ from vgrpo.reward_servers.http_client import (
     to_uint8_rgb,
 )
 from vgrpo.reward_servers.registry import UnknownRewardError, get_reward, register_reward
+from vgrpo.reward_servers.shapes.spec import FAMILIES
 from vgrpo.shapes.prompts import make_prompt, scene_for_prompt
 from vgrpo.shapes.render import render_scene
-from vgrpo.shapes.spec import FAMILIES
 
 
 class BrightnessReward(Reward):

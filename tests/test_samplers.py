@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vgrpo.rollout_workers.samplers import (
+from vgrpo.core.flow import (
     DPMSolver2M,
     apply_cfg,
     euler_step,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vgrpo.reward_servers.shapes.spec import Scene, SceneObject
 from vgrpo.shapes.render import render_scene
-from vgrpo.shapes.spec import Scene, SceneObject
 
 
 def vgrpo(*args: str) -> subprocess.CompletedProcess:

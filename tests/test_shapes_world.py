@@ -10,21 +10,20 @@ import pytest
 from PIL import Image, ImageFilter
 
 from vgrpo.reward_servers.registry import UnknownRewardError, available_rewards, get_reward
-from vgrpo.shapes.detector import detect
+from vgrpo.reward_servers.shapes.detector import detect
+from vgrpo.reward_servers.shapes.grammar import PromptError, parse_prompt
+from vgrpo.reward_servers.shapes.rules import evaluate
+from vgrpo.reward_servers.shapes.spec import BACKGROUND, COLORS, FAMILIES, Scene, SceneObject, relations
 from vgrpo.shapes.prompts import (
     NEAR_MISSES,
-    PromptError,
     build_splits,
     load_split,
     make_prompt,
     near_miss_prompt,
-    parse_prompt,
     scene_for_prompt,
     violate_prompt,
 )
 from vgrpo.shapes.render import random_scene, render_scene
-from vgrpo.shapes.reward import evaluate
-from vgrpo.shapes.spec import BACKGROUND, COLORS, FAMILIES, Scene, SceneObject, relations
 
 BROKEN_CLAUSE = {
     "missing_object": "present",

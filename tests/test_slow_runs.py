@@ -96,8 +96,8 @@ def test_ema_policy_is_evaluated_saved_and_exported(ray_cluster, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from vgrpo.adapters import trainable_params
     from vgrpo.checkpoints import export_policy, load_run_pipeline
+    from vgrpo.core.adapters import trainable_params
     from vgrpo.driver import train
 
     sets = ["train.ema=0.9", "train.steps=2", "train.max_staleness=1", "rollout.num_workers=2"]

@@ -1,4 +1,4 @@
-"""The shipped tiny SD3 pipeline and the policy functions every role shares (vgrpo.policy)."""
+"""The shipped tiny SD3 pipeline and the policy functions every role shares (vgrpo.core.policy)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vgrpo import policy
+from vgrpo.core import policy
 from vgrpo.tiny_sd3 import GRAMMAR_WORDS, build_tokenizer
 
 
@@ -153,8 +153,8 @@ def test_eval_cli_writes_overall_and_families(tmp_path):
 def test_pretraining_pairs_follow_the_caption_noise():
     """make_pairs draws a near miss of a caption with probability caption_noise[family]: 0 keeps every pair
     true to its caption, 1 makes every one fail it (the noise that leaves the base model RL headroom)."""
-    from vgrpo.shapes.detector import detect
-    from vgrpo.shapes.reward import evaluate
+    from vgrpo.reward_servers.shapes.detector import detect
+    from vgrpo.reward_servers.shapes.rules import evaluate
     from vgrpo.tiny_sd3 import make_pairs
 
     mix = {"colors": 0.5, "counting": 0.5}
@@ -170,9 +170,9 @@ def test_washed_out_pairs_keep_their_caption_but_fail_the_detector():
     """make_pairs washes an image out with probability washout[family]: its objects keep their place and
     hue (the caption still describes it) but fade towards the grey background until the detector finds
     nothing, so the defect costs reward on every prompt alike."""
-    from vgrpo.shapes.detector import detect
-    from vgrpo.shapes.reward import evaluate
-    from vgrpo.shapes.spec import BACKGROUND
+    from vgrpo.reward_servers.shapes.detector import detect
+    from vgrpo.reward_servers.shapes.rules import evaluate
+    from vgrpo.reward_servers.shapes.spec import BACKGROUND
     from vgrpo.tiny_sd3 import make_pairs, wash_out
 
     mix = {"single_object": 0.5, "two_object": 0.5}
@@ -196,9 +196,9 @@ def test_crowded_pairs_merge_their_objects_and_fail_the_detector():
     """make_pairs crowds a scene of several objects with probability crowding[family]: every object of the
     caption is still drawn, centres pulled together until the shapes merge and the detector fails; scenes
     of one object are never crowded."""
-    from vgrpo.shapes.detector import detect
+    from vgrpo.reward_servers.shapes.detector import detect
+    from vgrpo.reward_servers.shapes.rules import evaluate
     from vgrpo.shapes.prompts import scene_for_prompt
-    from vgrpo.shapes.reward import evaluate
     from vgrpo.tiny_sd3 import crowd, make_pairs, pretraining_prompts
 
     mix = {"single_object": 0.3, "two_object": 0.3, "counting": 0.4}

@@ -95,7 +95,7 @@ def test_seeds_are_a_function_of_seed_and_step():
 
 def test_weight_update_is_atomic(tmp_path):
     """A bad payload changes nothing (no partial write, version kept); a good one changes everything."""
-    from vgrpo.adapters import trainable_params
+    from vgrpo.core.adapters import trainable_params
     from vgrpo.rollout_workers.engine import RolloutEngine
 
     cfg = load_config(None, ["rollout.num_steps=2"])

@@ -1,4 +1,4 @@
-"""The weight broadcast's code path (vgrpo/weight_sync.py) on gloo: two processes on CPU, learner rank 0
+"""The weight broadcast's code path (core/weight_sync.py) on gloo: two processes on CPU, learner rank 0
 sends, a rollout rank receives. NCCL takes the same path with CUDA buffers; it needs two GPUs to run."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from vgrpo.weight_sync import ALIGN, init_weight_sync_group, plan_buckets
+from vgrpo.core.weight_sync import ALIGN, init_weight_sync_group, plan_buckets
 
 
 def make_state(version: int) -> dict[str, torch.Tensor]:
@@ -127,7 +127,7 @@ def test_receive_adopts_a_version_atomically(tmp_path: Path) -> None:
 
     import pytest
 
-    from vgrpo.adapters import trainable_params
+    from vgrpo.core.adapters import trainable_params
     from vgrpo.proto.config import load_config
     from vgrpo.rollout_workers.engine import RolloutEngine
 

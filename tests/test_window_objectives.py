@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from vgrpo.core.flow import sd3_sigmas
 from vgrpo.learner.objectives import FlowGRPOFast, MixGRPO, TrainBatch, build_objective
 from vgrpo.learner.objectives.flow_grpo_fast import fast_window_start
 from vgrpo.learner.objectives.mixgrpo import mixgrpo_window_start
@@ -21,7 +22,6 @@ from vgrpo.proto.config import (
     MixGRPOConfig,
     load_config,
 )
-from vgrpo.rollout_workers.samplers import sd3_sigmas
 from vgrpo.toy.train import rollout
 
 WINDOWED = ("mixgrpo", "flow_grpo_fast")

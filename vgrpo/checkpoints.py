@@ -67,8 +67,8 @@ def policy_weights(
 
 def load_run_pipeline(run_dir: Path, step: int | None, device: str = "cpu") -> tuple[Any, RunConfig, int]:
     """The run's pipeline with the policy of ``step`` in it (LoRA added and loaded, or full weights)."""
-    from vgrpo.adapters import add_lora, load_weights
-    from vgrpo.policy import load_pipeline
+    from vgrpo.core.adapters import add_lora, load_weights
+    from vgrpo.core.policy import load_pipeline
 
     cfg = run_config(run_dir)
     step, weights = policy_weights(run_dir, step)

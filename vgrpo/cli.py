@@ -187,8 +187,8 @@ def eval_cmd(
         fail(f"--sampler {sampler!r}: eval uses a deterministic ODE solver; fix: --sampler dpm2 or euler")
     import torch
 
+    from vgrpo.core.policy import ModelPathError, load_pipeline
     from vgrpo.evaluate import evaluate_policy, load_prompt_rows, print_table, save_grid, strip_images
-    from vgrpo.policy import ModelPathError, load_pipeline
 
     try:
         rows = load_prompt_rows(prompts, max_prompts=max_prompts) if reward_model is None else bench_rows
@@ -362,7 +362,7 @@ def train_cmd(
         run_dir = storage.default_run_dir(cfg.train.storage, run_name)
     if dry_run:
         raise typer.Exit(_dry_run(cfg, address, resources, run_dir, mirror_to))
-    from vgrpo.policy import ModelPathError, resolve_model_path
+    from vgrpo.core.policy import ModelPathError, resolve_model_path
 
     try:
         resolve_model_path(cfg.model.path)

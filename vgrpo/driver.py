@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from vgrpo import placement
-from vgrpo.metrics import export_step
+from vgrpo.core.metrics import export_step
 from vgrpo.proto.config import RunConfig, dump_config
 from vgrpo.proto.messages import PromptItem
 
@@ -982,24 +982,26 @@ class Trainer:
         return self._current_cache[1]
 
     def evaluate(self, roles: Roles) -> dict[str, float]:
-        from vgrpo.evaluate import load_prompt_rows
+        """Held-out evaluation as training works: rollout worker 0 samples (fixed seeds), the shapes
+        reward server's model scores, the driver tabulates (vgrpo/evaluate.py)."""
+        from vgrpo.evaluate import load_prompt_rows, score_heldout, shapes_reward
 
         d, r = self.cfg.data, self.cfg.rollout
         rows = load_prompt_rows(d.eval_prompts, d.eval_max_prompts)
         # with train.ema the held-out score is the EMA policy's (as Flow-GRPO and DiffusionNFT evaluate)
-        ema = None
+        weights = None
         if self.cfg.train.ema is not None:
-            ema = self.ema_weights(roles, self.version)
+            weights = self.ema_weights(roles, self.version)
         elif roles.objective.rollout_policy(self.version) == "old":
             # the workers hold the objective's old copy (DiffusionNFT samples with it): the held-out score
             # is the trained policy's, as upstream evaluates its "default" adapter
-            ema = self.current_weights(roles, self.version)
-        res = self.on_workers(
+            weights = self.current_weights(roles, self.version)
+        sampled = self.on_workers(
             roles,
             {
-                0: lambda w: w.evaluate.remote(
-                    rows,
-                    weights=ema,
+                0: lambda w: w.sample_heldout.remote(
+                    [row["prompt"] for row in rows],
+                    weights=weights,
                     images_per_prompt=d.eval_images_per_prompt,
                     seed=self.cfg.train.seed,
                     num_steps=d.eval_num_steps,
@@ -1012,6 +1014,7 @@ class Trainer:
             "held-out evaluation",
             self.version,
         )[0]
+        res = score_heldout(rows, sampled, shapes_reward(), "shapes")
         out = {"eval/overall": float(res["overall"])}
         out.update({f"eval/{k}": float(v) for k, v in res["families"].items()})
         return out
@@ -1104,7 +1107,7 @@ class Trainer:
                 if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
                     row.update(self.evaluate(roles))
                 self.run.append_metrics(row)
-                export_step(row, cfg.observability.metrics_port)  # Prometheus: vgrpo/metrics.py
+                export_step(row, cfg.observability.metrics_port)  # Prometheus: core/metrics.py
                 if self.tb is not None:
                     for k, v in row.items():
                         if k != "step" and isinstance(v, (int, float)):
@@ -1222,7 +1225,7 @@ def train(cfg: RunConfig, run_dir: Path, address: str | None = None, resume: boo
         enable_token_auth_if_available()
     import ray
 
-    from vgrpo.policy import resolve_model_path
+    from vgrpo.core.policy import resolve_model_path
 
     resolve_model_path(cfg.model.path)  # a missing model fails before any Ray session starts
     run = RunDir(run_dir)

@@ -1,12 +1,12 @@
-"""Held-out evaluation of a policy on GenEval-Shapes, scored as GenEval scores (Ghosh et al., 2023).
+"""Held-out evaluation of a policy: GenEval-Shapes (scored as GenEval scores, Ghosh et al., 2023), GenEval,
+OCR and PickScore.
 
-Every prompt gets ``images_per_prompt`` images from fixed seeds (image j of prompt i: ``seed +
-i·images_per_prompt + j``) with the deterministic ODE sampler, so two evaluations of the same weights
-agree exactly. An image scores 1 when every clause of its prompt holds (docs/geneval-shapes.md); a family's
-score is the mean over its images, and ``overall`` is the mean over families (GenEval's table).
-
-``evaluate_policy`` takes a loaded pipeline, so the same function scores the shipped model, a hub model
-or a run directory's checkpoint once its weights are in the pipeline.
+Sampling is the shared core's (`core/heldout.py`: fixed seeds, the deterministic ODE sampler, so two
+evaluations of the same weights agree exactly); scoring is a reward server's `Reward` (`shapes`:
+`reward_servers/shapes/`, an image scores 1 when every clause of its prompt holds, docs/geneval-shapes.md);
+this module tabulates: a family's score is the mean over its images, and ``overall`` is the mean over
+families (GenEval's table) or over images (OCR, PickScore). During training a rollout worker samples and
+the driver scores and tabulates (`HeldoutTable`); `vgrpo eval` does all three in one process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from vgrpo.policy import Sampler, StableDiffusion3Pipeline, sample
+from vgrpo.core.heldout import heldout_seeds, heldout_settings, sample_chunks
+from vgrpo.core.policy import Sampler, StableDiffusion3Pipeline
 
 FAMILY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 BUILTIN_PREFIX = "builtin:shapes/"
@@ -31,7 +32,8 @@ def load_prompt_rows(
     metadata: one object a line with ``prompt`` and ``tag``) or a ``.txt`` file (one prompt a line, the
     family parsed from the GenEval-Shapes grammar). ``strict``: a prompt outside that grammar without a
     ``tag`` is an error (evaluation); otherwise it is kept untagged (training prompts of any reward)."""
-    from vgrpo.shapes.prompts import PromptError, load_split, parse_prompt
+    from vgrpo.reward_servers.shapes.grammar import PromptError, parse_prompt
+    from vgrpo.shapes.prompts import load_split
 
     text = str(spec)
     if text.startswith(BUILTIN_PREFIX):
@@ -64,106 +66,6 @@ def _family_of(parse_prompt: Any, prompt: str) -> str:
     if isinstance(parsed, dict):
         return str(parsed.get("family") or parsed.get("tag"))
     return "unknown"
-
-
-def _clause_failures(verdict: Any) -> list[str]:
-    """The clauses an image failed, each with the detector's reason (``vgrpo.shapes.reward.Verdict``)."""
-    return [f"{c.description}: {c.why}" for c in verdict.clauses if not c.passed]
-
-
-def _sampled_chunks(
-    pipe: StableDiffusion3Pipeline,
-    rows: list[dict[str, Any]],
-    images_per_prompt: int,
-    seed: int,
-    batch_size: int,
-    num_steps: int,
-    guidance_scale: float,
-    sampler: Sampler,
-    shift: float | None,
-) -> Any:
-    """Yields ``(chunk, prompts, seeds, images_bhwc)`` over every (prompt i, image j) in batches; image
-    (i, j) has seed ``seed + i * images_per_prompt + j`` whatever the batch size (comparable runs)."""
-    jobs = [(i, j) for i in range(len(rows)) for j in range(images_per_prompt)]
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        prompts = [rows[i]["prompt"] for i, _ in chunk]
-        seeds = [seed + i * images_per_prompt + j for i, j in chunk]
-        _, images_bhwc = sample(
-            pipe,
-            prompts,
-            seeds,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            sampler=sampler,
-            shift=shift,
-        )
-        yield chunk, prompts, seeds, images_bhwc
-
-
-def evaluate_policy(
-    pipe: StableDiffusion3Pipeline,
-    rows: list[dict[str, Any]],
-    images_per_prompt: int = 4,
-    seed: int = 0,
-    num_steps: int = 10,
-    guidance_scale: float = 1.0,
-    sampler: Sampler = "dpm2",
-    shift: float | None = None,
-    batch_size: int = 32,
-    keep_images: bool = False,
-) -> dict[str, Any]:
-    """Sample, detect, judge. Returns ``{"overall", "families", "prompts", "num_images", "settings"}``
-    (and ``"images"``: uint8 ``(N, H, W, 3)`` in prompt-major order when ``keep_images``)."""
-    from vgrpo.shapes.detector import detect
-    from vgrpo.shapes.reward import evaluate
-
-    all_images: list[np.ndarray] = []
-    per_prompt: list[dict[str, Any]] = [
-        {"prompt": r["prompt"], "tag": r.get("tag", "unknown"), "images": []} for r in rows
-    ]
-    for chunk, _, seeds, images_bhwc in _sampled_chunks(
-        pipe, rows, images_per_prompt, seed, batch_size, num_steps, guidance_scale, sampler, shift
-    ):
-        for (i, _), s, image_hwc in zip(chunk, seeds, images_bhwc, strict=True):
-            verdict = evaluate(rows[i]["prompt"], detect(image_hwc))
-            per_prompt[i]["images"].append(
-                {
-                    "seed": s,
-                    "score": float(verdict.score),
-                    "reward": float(verdict.reward),
-                    "failed": _clause_failures(verdict),
-                }
-            )
-        if keep_images:
-            all_images.append(images_bhwc)
-
-    scores_by_family: dict[str, list[float]] = defaultdict(list)
-    for p in per_prompt:
-        p["score"] = float(np.mean([im["score"] for im in p["images"]]))
-        p["reward"] = float(np.mean([im["reward"] for im in p["images"]]))
-        scores_by_family[p["tag"]].extend(im["score"] for im in p["images"])
-    ordered = [f for f in FAMILY_ORDER if f in scores_by_family] + sorted(
-        f for f in scores_by_family if f not in FAMILY_ORDER
-    )
-    families = {f: float(np.mean(scores_by_family[f])) for f in ordered}
-    result: dict[str, Any] = {
-        "overall": float(np.mean(list(families.values()))) if families else 0.0,
-        "families": families,
-        "prompts": per_prompt,
-        "num_images": len(rows) * images_per_prompt,
-        "settings": {
-            "images_per_prompt": images_per_prompt,
-            "seed": seed,
-            "num_steps": num_steps,
-            "guidance_scale": guidance_scale,
-            "sampler": sampler,
-            "shift": shift,
-        },
-    }
-    if keep_images:
-        result["images"] = np.concatenate(all_images) if all_images else np.zeros((0, 1, 1, 3), np.uint8)
-    return result
 
 
 def format_table(result: dict[str, Any], title: str = "GenEval-Shapes") -> Any:
@@ -228,6 +130,7 @@ def strip_images(result: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------- GenEval / OCR / PickScore benchmarks
 
 REWARD_BENCHMARKS = ("geneval", "ocr", "pickscore")
+BENCHMARKS = ("shapes", *REWARD_BENCHMARKS)
 
 
 def load_benchmark_rows(
@@ -273,14 +176,138 @@ def load_benchmark_rows(
     return rows
 
 
-def _image_metric(benchmark: str, item: Any) -> float:
-    """The number a benchmark averages for one image: GenEval's official binary correctness, the OCR
-    reward, PickScore's raw score (not the /26 training reward)."""
-    if benchmark == "geneval":
-        return float(item.details["score"])
+def _image_record(benchmark: str, item: Any) -> dict[str, Any]:
+    """One image's entry in the table: ``score`` (the number the benchmark averages: GenEval's and
+    GenEval-Shapes' binary correctness, the OCR reward, PickScore's raw score rather than the /26 training
+    reward), ``reward`` (the training reward) and the benchmark's explanation of a miss."""
+    if benchmark in ("shapes", "geneval"):
+        record: dict[str, Any] = {"score": float(item.details["score"]), "reward": float(item.value)}
+        if benchmark == "shapes":
+            record["failed"] = [
+                f"{c['clause']}: {c['why']}" for c in item.details.get("clauses", []) if not c["passed"]
+            ]
+        else:
+            record["failed"] = [r for r in str(item.details.get("reason", "")).split("\n") if r]
+        return record
     if benchmark == "pickscore":
-        return float(item.details.get("raw", item.value))
-    return float(item.value)
+        return {"score": float(item.details.get("raw", item.value)), "reward": float(item.value)}
+    record = {"score": float(item.value), "reward": float(item.value)}
+    if benchmark == "ocr":
+        record["recognized"] = item.details.get("recognized", "")
+    return record
+
+
+class HeldoutTable:
+    """Scores held-out images with a ``Reward`` (``vgrpo.reward_servers.base``; each row is passed as the
+    image's metadata) as they arrive, in any number of batches, and tabulates them (:meth:`result`).
+
+    - ``shapes`` / ``geneval``: per-family accuracy of the binary correctness; ``overall`` = the mean of
+      the families' accuracies (GenEval's table); ``reward_mean`` = the partial-credit training reward.
+    - ``ocr``: ``overall`` = the mean OCR reward; ``exact_match`` = the fraction of images scoring 1.
+    - ``pickscore``: ``overall`` = the mean raw PickScore.
+
+    An image the reward cannot score counts 0 and is listed with its error (``num_errors``)."""
+
+    def __init__(
+        self, rows: list[dict[str, Any]], reward: Any, benchmark: str, settings: dict[str, Any]
+    ) -> None:
+        if benchmark not in BENCHMARKS:
+            raise ValueError(f"benchmark {benchmark!r}: want one of {', '.join(BENCHMARKS)}")
+        self.rows, self.reward, self.benchmark, self.settings = rows, reward, benchmark, settings
+        self.per_prompt: list[dict[str, Any]] = [
+            {"prompt": r["prompt"], "tag": r.get("tag", benchmark), "images": []} for r in rows
+        ]
+        self.values: list[float] = []
+        self.errors = 0
+
+    def add(self, jobs: list[tuple[int, int, int]], images_bhwc: np.ndarray) -> None:
+        """Scores one batch: ``jobs`` are ``(prompt index, image index, seed)`` of ``images_bhwc``."""
+        prompts = [self.rows[i]["prompt"] for i, _, _ in jobs]
+        items = self.reward.score(list(images_bhwc), prompts, [self.rows[i] for i, _, _ in jobs])
+        for (i, _, s), item in zip(jobs, items, strict=True):
+            record: dict[str, Any] = {"seed": s}
+            if item.value is None or item.error:
+                self.errors += 1
+                record.update(score=0.0, error=item.error or "no value")
+            else:
+                record.update(_image_record(self.benchmark, item))
+                self.values.append(float(item.value))
+            self.per_prompt[i]["images"].append(record)
+
+    def result(self) -> dict[str, Any]:
+        scores_by_tag: dict[str, list[float]] = defaultdict(list)
+        for p in self.per_prompt:
+            p["score"] = float(np.mean([im["score"] for im in p["images"]])) if p["images"] else 0.0
+            rewards = [im["reward"] for im in p["images"] if "reward" in im]
+            p["reward"] = float(np.mean(rewards)) if rewards else 0.0
+            scores_by_tag[p["tag"]].extend(im["score"] for im in p["images"])
+        ordered = [f for f in FAMILY_ORDER if f in scores_by_tag] + sorted(
+            f for f in scores_by_tag if f not in FAMILY_ORDER
+        )
+        families = {f: float(np.mean(scores_by_tag[f])) for f in ordered}
+        all_scores = [im["score"] for p in self.per_prompt for im in p["images"]]
+        if self.benchmark in ("shapes", "geneval"):
+            overall = float(np.mean(list(families.values()))) if families else 0.0
+        else:
+            overall = float(np.mean(all_scores)) if all_scores else 0.0
+        result: dict[str, Any] = {
+            "benchmark": self.benchmark,
+            "overall": overall,
+            "families": families,
+            "reward_mean": float(np.mean(self.values)) if self.values else 0.0,
+            "num_errors": self.errors,
+            "prompts": self.per_prompt,
+            "num_images": len(all_scores),
+            "settings": self.settings,
+        }
+        if self.benchmark == "ocr":
+            result["exact_match"] = float(np.mean([s == 1.0 for s in all_scores])) if all_scores else 0.0
+        return result
+
+
+def score_heldout(
+    rows: list[dict[str, Any]], sampled: dict[str, Any], reward: Any, benchmark: str
+) -> dict[str, Any]:
+    """The table of images sampled elsewhere (``core.heldout.sample_heldout``'s result: a rollout worker's
+    during training) scored with ``reward``."""
+    n = len(rows)
+    per = sampled["settings"]["images_per_prompt"]
+    jobs = heldout_seeds(n, per, sampled["settings"]["seed"])
+    if len(sampled["images"]) != len(jobs) or [s for _, _, s in jobs] != list(sampled["seeds"]):
+        raise ValueError(
+            f"held-out images: {len(sampled['images'])} images with seeds {list(sampled['seeds'])[:4]}... "
+            f"for {n} prompts x {per}; the sampler and the table disagree on the prompt set"
+        )
+    table = HeldoutTable(rows, reward, benchmark, sampled["settings"])
+    table.add(jobs, sampled["images"])
+    return table.result()
+
+
+def shapes_reward() -> Any:
+    """The GenEval-Shapes benchmark's scorer: the shapes reward server's model (its binary evaluation
+    score is the table's number, its partial-credit value the ``reward`` column)."""
+    from vgrpo.reward_servers.shapes import ShapesReward
+
+    return ShapesReward()
+
+
+def evaluate_policy(
+    pipe: StableDiffusion3Pipeline,
+    rows: list[dict[str, Any]],
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    num_steps: int = 10,
+    guidance_scale: float = 1.0,
+    sampler: Sampler = "dpm2",
+    shift: float | None = None,
+    batch_size: int = 32,
+    keep_images: bool = False,
+) -> dict[str, Any]:
+    """GenEval-Shapes: sample, detect, judge (:func:`evaluate_with_reward` with the shapes reward)."""
+    return evaluate_with_reward(
+        pipe, rows, shapes_reward(), "shapes", images_per_prompt, seed, num_steps, guidance_scale,
+        sampler, shift, batch_size, keep_images,
+    )  # fmt: skip
 
 
 def evaluate_with_reward(
@@ -297,76 +324,21 @@ def evaluate_with_reward(
     batch_size: int = 32,
     keep_images: bool = False,
 ) -> dict[str, Any]:
-    """Samples ``images_per_prompt`` images per prompt with the same fixed seeds as ``evaluate_policy``
-    (image j of prompt i: ``seed + i·images_per_prompt + j``) and scores them with ``reward`` (a
-    ``vgrpo.reward_servers.base.Reward``; each row is passed as the image's metadata).
-
-    - ``geneval``: per-tag accuracy of GenEval's official binary correctness; ``overall`` = the mean of
-      the tags' accuracies (GenEval's table); ``reward_mean`` = the partial-credit training reward.
-    - ``ocr``: ``overall`` = the mean OCR reward; ``exact_match`` = the fraction of images scoring 1.
-    - ``pickscore``: ``overall`` = the mean raw PickScore.
-
-    An image the reward cannot score counts 0 and is listed with its error (``num_errors``)."""
-    if benchmark not in REWARD_BENCHMARKS:
-        raise ValueError(f"benchmark {benchmark!r}: want one of {', '.join(REWARD_BENCHMARKS)}")
-    per_prompt: list[dict[str, Any]] = [
-        {"prompt": r["prompt"], "tag": r.get("tag", benchmark), "images": []} for r in rows
-    ]
+    """Samples ``images_per_prompt`` images per prompt (``core.heldout``: image j of prompt i from seed
+    ``seed + i·images_per_prompt + j``) and scores each batch as it comes (:class:`HeldoutTable`).
+    Returns the table (and ``"images"``: uint8 ``(N, H, W, 3)`` in prompt-major order when
+    ``keep_images``)."""
+    settings = heldout_settings(images_per_prompt, seed, num_steps, guidance_scale, sampler, shift)
+    table = HeldoutTable(rows, reward, benchmark, settings)
     all_images: list[np.ndarray] = []
-    values: list[float] = []
-    errors = 0
-    for chunk, prompts, seeds, images_bhwc in _sampled_chunks(
-        pipe, rows, images_per_prompt, seed, batch_size, num_steps, guidance_scale, sampler, shift
-    ):
-        items = reward.score(list(images_bhwc), prompts, [rows[i] for i, _ in chunk])
-        for (i, _), s, item in zip(chunk, seeds, items, strict=True):
-            record: dict[str, Any] = {"seed": s}
-            if item.value is None or item.error:
-                errors += 1
-                record.update(score=0.0, error=item.error or "no value")
-            else:
-                record.update(score=_image_metric(benchmark, item), reward=float(item.value))
-                values.append(float(item.value))
-                if benchmark == "geneval":
-                    record["failed"] = [r for r in str(item.details.get("reason", "")).split("\n") if r]
-                elif benchmark == "ocr":
-                    record["recognized"] = item.details.get("recognized", "")
-            per_prompt[i]["images"].append(record)
+    for jobs, images_bhwc in sample_chunks(
+        pipe, [r["prompt"] for r in rows], images_per_prompt, seed, batch_size, num_steps,
+        guidance_scale, sampler, shift,
+    ):  # fmt: skip
+        table.add(jobs, images_bhwc)
         if keep_images:
             all_images.append(images_bhwc)
-
-    scores_by_tag: dict[str, list[float]] = defaultdict(list)
-    for p in per_prompt:
-        p["score"] = float(np.mean([im["score"] for im in p["images"]])) if p["images"] else 0.0
-        scores_by_tag[p["tag"]].extend(im["score"] for im in p["images"])
-    ordered = [f for f in FAMILY_ORDER if f in scores_by_tag] + sorted(
-        f for f in scores_by_tag if f not in FAMILY_ORDER
-    )
-    families = {f: float(np.mean(scores_by_tag[f])) for f in ordered}
-    all_scores = [im["score"] for p in per_prompt for im in p["images"]]
-    if benchmark == "geneval":
-        overall = float(np.mean(list(families.values()))) if families else 0.0
-    else:
-        overall = float(np.mean(all_scores)) if all_scores else 0.0
-    result: dict[str, Any] = {
-        "benchmark": benchmark,
-        "overall": overall,
-        "families": families,
-        "reward_mean": float(np.mean(values)) if values else 0.0,
-        "num_errors": errors,
-        "prompts": per_prompt,
-        "num_images": len(rows) * images_per_prompt,
-        "settings": {
-            "images_per_prompt": images_per_prompt,
-            "seed": seed,
-            "num_steps": num_steps,
-            "guidance_scale": guidance_scale,
-            "sampler": sampler,
-            "shift": shift,
-        },
-    }
-    if benchmark == "ocr":
-        result["exact_match"] = float(np.mean([s == 1.0 for s in all_scores])) if all_scores else 0.0
+    result = table.result()
     if keep_images:
         result["images"] = np.concatenate(all_images) if all_images else np.zeros((0, 1, 1, 3), np.uint8)
     return result

@@ -251,7 +251,7 @@ def arch_of(cfg: RunConfig) -> Arch:
     path = cfg.model.path.lower()
     if "stable-diffusion-3.5-medium" in path or "sd3.5-m" in path or "sd35m" in path:
         return SD35M_ARCH
-    from vgrpo.policy import ModelPathError, resolve_model_path
+    from vgrpo.core.policy import ModelPathError, resolve_model_path
 
     try:
         folder = Path(resolve_model_path(cfg.model.path))
@@ -517,9 +517,9 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
     import numpy as np
     import torch
 
+    from vgrpo.core.policy import ModelPathError, resolve_model_path
     from vgrpo.learner.engine import LearnerEngine
     from vgrpo.learner.objectives import build_objective
-    from vgrpo.policy import ModelPathError, resolve_model_path
     from vgrpo.reward_servers.registry import get_reward
     from vgrpo.rollout_workers.engine import RolloutEngine
 

@@ -59,8 +59,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vgrpo.policy import AutoencoderKL, StableDiffusion3Pipeline
-from vgrpo.shapes.spec import BACKGROUND, Scene
+from vgrpo.core.flow import interpolate
+from vgrpo.core.policy import AutoencoderKL, StableDiffusion3Pipeline
+from vgrpo.reward_servers.shapes.spec import BACKGROUND, Scene
 
 CLIPTokenizer = Any  # transformers.CLIPTokenizer (lazily imported, opaque to mypy)
 
@@ -507,8 +508,9 @@ def pretraining_prompts() -> dict[str, list[str]]:
     families teaching every shape); a base model knowing what "a photo of a circle" is stands in for the
     web-scale pretraining that lets SD3.5 name single objects (GenEval single_object 0.98). RL trains on
     the training split only."""
-    from vgrpo.shapes.prompts import load_split, prompt_text
-    from vgrpo.shapes.spec import SHAPES
+    from vgrpo.reward_servers.shapes.grammar import prompt_text
+    from vgrpo.reward_servers.shapes.spec import SHAPES
+    from vgrpo.shapes.prompts import load_split
 
     pool: dict[str, list[str]] = {"single_object": [prompt_text("single_object", [s]) for s in SHAPES]}
     for row in load_split("train"):
@@ -603,7 +605,7 @@ def train_vae(
     vae: AutoencoderKL, images_nhwc: np.ndarray, cfg: PretrainConfig, log: Callable[[str], None]
 ) -> None:
     """Stage 1: weighted L1 + L2 reconstruction through a posterior sample, plus ``kl_weight``·KL."""
-    from vgrpo.policy import images_to_tensor
+    from vgrpo.core.policy import images_to_tensor
 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -645,7 +647,7 @@ def train_vae(
 @torch.no_grad()
 def set_latent_normalisation(vae: AutoencoderKL, images_nhwc: np.ndarray, batch: int = 256) -> None:
     """SD3 normalisation ``(z − shift)·scale`` to zero mean, unit variance over the data's posterior means."""
-    from vgrpo.policy import images_to_tensor
+    from vgrpo.core.policy import images_to_tensor
 
     zs = [
         vae.encode(images_to_tensor(images_nhwc[i : i + batch])).latent_dist.mean
@@ -674,7 +676,7 @@ def train_flow(
 ) -> StableDiffusion3Pipeline:
     """Stage 2: rectified-flow regression (docs/algorithms.md §1) of the transformer and both text encoders;
     returns a pipeline holding the EMA weights (the VAE stays frozen)."""
-    from vgrpo.policy import encode_prompts, velocity
+    from vgrpo.core.policy import encode_prompts, velocity
 
     trained = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2])
     ema_pipe = copy.deepcopy(pipe)
@@ -698,7 +700,7 @@ def train_flow(
         u_b = torch.sigmoid(torch.randn(cfg.flow_batch, generator=gen)).to(dev)  # SD3's logit-normal(0, 1)
         t_b = cfg.shift * u_b / (1 + (cfg.shift - 1) * u_b)  # SD3's shift (docs/algorithms.md §1)
         t_b4 = t_b.view(-1, 1, 1, 1)
-        xt_bchw = (1 - t_b4) * x0_bchw + t_b4 * eps_bchw
+        xt_bchw = interpolate(x0_bchw, eps_bchw, t_b4)
         embeds_bld, pooled_bd = encode_prompts(pipe, batch_prompts)
         v_bchw = velocity(pipe.transformer, xt_bchw, t_b, embeds_bld, pooled_bd)
         loss = F.mse_loss(v_bchw.float(), eps_bchw - x0_bchw)
@@ -771,7 +773,7 @@ def pretrain(
         seed, adaln_zero=cfg.adaln_zero, shift=cfg.shift, heads=cfg.heads, layers=cfg.layers, patch=cfg.patch
     )
     if init_from is not None:
-        from vgrpo.policy import load_pipeline
+        from vgrpo.core.policy import load_pipeline
 
         pipe = load_pipeline(init_from)
         pipe.vae.requires_grad_(False)
@@ -818,7 +820,7 @@ def _train_stage(
 ) -> StableDiffusion3Pipeline:
     """Stage 2.k of ``pretrain`` (``cfg`` its own config): draws its pairs, encodes them with the frozen
     VAE and trains; returns the EMA pipeline. Its random streams depend on ``cfg.seed`` alone."""
-    from vgrpo.policy import encode_images
+    from vgrpo.core.policy import encode_images
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -857,11 +859,11 @@ def vae_verdict_preservation(
     """How faithful the VAE is to what the detector reads: for random scenes that pass each prompt,
     the fraction whose verdict (pass/fail under GenEval's rules) survives encode -> decode, and the
     fraction whose detections (shape, colour multiset) survive exactly."""
-    from vgrpo.policy import decode_latents, encode_images
-    from vgrpo.shapes.detector import detect
+    from vgrpo.core.policy import decode_latents, encode_images
+    from vgrpo.reward_servers.shapes.detector import detect
+    from vgrpo.reward_servers.shapes.rules import evaluate
     from vgrpo.shapes.prompts import scene_for_prompt
     from vgrpo.shapes.render import render_scene
-    from vgrpo.shapes.reward import evaluate
 
     rng = np.random.default_rng(seed)
     prompts = [r["prompt"] for r in rows for _ in range(scenes_per_prompt)]

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from vgrpo.core.flow import interpolate
 from vgrpo.learner.objectives.base import FlowPolicy, Objective, TrainBatch, mean_d
 from vgrpo.proto.config import DGPOConfig
 
@@ -62,7 +63,7 @@ class DGPO(Objective):
             t = float(batch.sigmas[idx])
             eps_gchw = torch.randn((len(groups), *x0_bchw.shape[1:]), generator=generator).to(dev)
             eps_bchw = eps_gchw[group_b]
-            x_t = (1 - t) * x0_bchw + t * eps_bchw
+            x_t = interpolate(x0_bchw, eps_bchw, t)
             t_b = torch.full((len(batch),), t, device=dev)
             target = eps_bchw - x0_bchw
             v = policy.velocity(x_t, t_b, batch.cond, "current").float()

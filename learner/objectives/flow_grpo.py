@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from vgrpo.core.flow import sde_std, sde_step_with_logprob
 from vgrpo.learner.objectives.base import FlowPolicy, Objective, TrainBatch, mean_d
 from vgrpo.proto.config import FlowGRPOConfig
-from vgrpo.rollout_workers.samplers import sde_std, sde_step_with_logprob
 
 
 class FlowGRPO(Objective):

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from vgrpo.core.flow import interpolate, x0_from_velocity
 from vgrpo.learner.objectives.base import FlowPolicy, Objective, TrainBatch, mean_d
 from vgrpo.learner.objectives.vgrpo import adaptive_x0_loss
 from vgrpo.proto.config import NFTConfig
@@ -56,7 +57,7 @@ class DiffusionNFT(Objective):
             t_b = grid[perm_bn[:, j]]
             t_bchw = t_b.view(-1, *([1] * (x0_bchw.ndim - 1)))
             eps = torch.randn(x0_bchw.shape, generator=generator).to(dev)
-            x_t = (1 - t_bchw) * x0_bchw + t_bchw * eps
+            x_t = interpolate(x0_bchw, eps, t_bchw)
             v = policy.velocity(x_t, t_b, batch.cond, "current").float()
             with torch.no_grad():
                 v_old = (
@@ -66,8 +67,8 @@ class DiffusionNFT(Objective):
                 )
             v_pos = cfg.beta * v + (1 - cfg.beta) * v_old
             v_neg = (1 + cfg.beta) * v_old - cfg.beta * v
-            loss_pos_b = adaptive_x0_loss(x_t - t_bchw * v_pos, x0_bchw)
-            loss_neg_b = adaptive_x0_loss(x_t - t_bchw * v_neg, x0_bchw)
+            loss_pos_b = adaptive_x0_loss(x0_from_velocity(x_t, v_pos, t_bchw), x0_bchw)
+            loss_neg_b = adaptive_x0_loss(x0_from_velocity(x_t, v_neg, t_bchw), x0_bchw)
             step = (cfg.adv_clip_max / cfg.beta) * (r_b * loss_pos_b + (1 - r_b) * loss_neg_b)
             total = total + step.mean() / n_train
             if cfg.kl_beta > 0:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from vgrpo.core.flow import interpolate, shift_sigma, x0_from_velocity
 from vgrpo.learner.objectives.base import FlowPolicy, Objective, TrainBatch, mean_d
 from vgrpo.proto.config import VGRPOConfig
-from vgrpo.rollout_workers.samplers import shift_sigma
 
 
 def stratified_times(
@@ -67,17 +67,23 @@ class VGRPO(Objective):
             t_b = t_gk[group_b, k]
             eps_bchw = eps_gkchw[group_b, k]
             t_bchw = t_b.view(-1, *([1] * (o_bchw.ndim - 1)))
-            z_bchw = (1 - t_bchw) * o_bchw + t_bchw * eps_bchw
-            x0_hat = z_bchw - t_bchw * policy.velocity(z_bchw, t_b, batch.cond, "current").float()
+            z_bchw = interpolate(o_bchw, eps_bchw, t_bchw)
+            x0_hat = x0_from_velocity(
+                z_bchw, policy.velocity(z_bchw, t_b, batch.cond, "current").float(), t_bchw
+            )
             score_b = score_b - adaptive_x0_loss(x0_hat, o_bchw) / cfg.n_mc
             if need_old and not old_is_current:
                 with torch.no_grad():
-                    x0_old = z_bchw - t_bchw * policy.velocity(z_bchw, t_b, batch.cond, "old").float()
+                    x0_old = x0_from_velocity(
+                        z_bchw, policy.velocity(z_bchw, t_b, batch.cond, "old").float(), t_bchw
+                    )
                 score_old_b = score_old_b - adaptive_x0_loss(x0_old, o_bchw) / cfg.n_mc
                 kl_b = kl_b + mean_d((x0_hat.double() - x0_old.double()) ** 2) / cfg.n_mc
             if cfg.ref_kl_beta > 0:
                 with torch.no_grad():
-                    x0_ref = z_bchw - t_bchw * policy.velocity(z_bchw, t_b, batch.cond, "ref").float()
+                    x0_ref = x0_from_velocity(
+                        z_bchw, policy.velocity(z_bchw, t_b, batch.cond, "ref").float(), t_bchw
+                    )
                 kl_ref_b = kl_ref_b + mean_d((x0_hat.double() - x0_ref.double()) ** 2) / cfg.n_mc
         if old_is_current:
             score_old_b = score_b.detach()  # theta_old = theta: rho = 1 exactly, KL = 0 (§4.4 step 7)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from vgrpo.shapes.spec import (
+from vgrpo.reward_servers.shapes.spec import (
     BACKGROUND,
     COLORS,
     MAX_SIDE,

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vgrpo.core.flow import ode_sample, sd3_sigmas, sde_sample, sde_window_sample
 from vgrpo.learner.objectives import Objective, TrainBatch, build_objective
 from vgrpo.proto.config import AlgorithmConfig
-from vgrpo.rollout_workers.samplers import ode_sample, sd3_sigmas, sde_sample, sde_window_sample
 from vgrpo.toy.world import ToyPolicy, ToyWorld, pretrained_model
 
 # Learning rates for the toy, per objective: each objective's loss has its own scale (NFT's is multiplied

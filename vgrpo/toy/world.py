@@ -17,6 +17,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from vgrpo.core.flow import interpolate
 from vgrpo.learner.objectives.base import Which
 
 
@@ -116,7 +117,7 @@ def _pretrained_state(world: ToyWorld, seed: int, steps: int) -> dict[str, torch
         x0 = world.sample_data(cond_b, gen)
         eps = torch.randn(x0.shape, generator=gen)
         t_b = torch.rand(256, generator=gen)
-        x_t = (1 - t_b[:, None]) * x0 + t_b[:, None] * eps
+        x_t = interpolate(x0, eps, t_b[:, None])
         loss = ((model(x_t, t_b, cond_b) - (eps - x0)) ** 2).mean()  # rectified-flow regression v* = eps - x0
         opt.zero_grad()
         loss.backward()

@@ -40,6 +40,17 @@ def sd3_sigmas(
     return torch.cat([shift_sigma(u, shift), torch.zeros(1, dtype=torch.float64)])
 
 
+def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """The forward process x_t = (1 - t) x0 + t eps (§1); ``t`` a float or a tensor broadcast against
+    ``x0`` (e.g. ``(B, 1, 1, 1)``)."""
+    return (1 - t) * x0 + t * eps
+
+
+def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """The clean sample a velocity predicts: x0_hat = x_t - t v (§1, with v = eps - x0)."""
+    return x_t - t * v
+
+
 def apply_cfg(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance v = v_u + w (v_c - v_u) (§2.2); w = 1 returns v_c exactly."""
     if scale == 1.0:

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vgrpo.shapes.detector import Detection
-from vgrpo.shapes.prompts import Clause, ParsedPrompt, parse_prompt
-from vgrpo.shapes.spec import plural, relations
+from vgrpo.reward_servers.shapes.detector import Detection
+from vgrpo.reward_servers.shapes.grammar import Clause, ParsedPrompt, parse_prompt
+from vgrpo.reward_servers.shapes.spec import plural, relations
 
 
 @dataclass(frozen=True)

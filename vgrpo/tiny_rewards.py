@@ -7,17 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "vgrpo" / "assets" / "tiny_sd3" / "tokenizer"
+TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny_sd3" / "tokenizer"
 PERSON = 0  # COCO class 0, GenEval's "person"
-
-
-def _tokenizer_dir() -> Path:
-    """The shipped tiny SD3 pipeline's CLIP tokenizer (in the source tree or the installed package)."""
-    if TOKENIZER.is_dir():
-        return TOKENIZER
-    import vgrpo
-
-    return Path(vgrpo.__file__).resolve().parent / "assets" / "tiny_sd3" / "tokenizer"
 
 
 def build_tiny_clip(out: str | Path, image_size: int = 32, seed: int = 0) -> Path:
@@ -27,7 +18,7 @@ def build_tiny_clip(out: str | Path, image_size: int = 32, seed: int = 0) -> Pat
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     out = Path(out)
-    tok = AutoTokenizer.from_pretrained(_tokenizer_dir())
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(seed)
     text = dict(
         vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

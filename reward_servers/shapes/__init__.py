@@ -9,10 +9,10 @@ from dataclasses import asdict
 import numpy as np
 
 from vgrpo.reward_servers.base import Reward, ScoredItem
-from vgrpo.shapes.detector import detect
-from vgrpo.shapes.prompts import PromptError, parse_prompt
-from vgrpo.shapes.reward import evaluate
-from vgrpo.shapes.spec import REFERENCE_SIZE
+from vgrpo.reward_servers.shapes.detector import detect
+from vgrpo.reward_servers.shapes.grammar import PromptError, parse_prompt
+from vgrpo.reward_servers.shapes.rules import evaluate
+from vgrpo.reward_servers.shapes.spec import REFERENCE_SIZE
 
 # partial: the fraction of clauses that hold (docs/geneval-shapes.md's training reward); binary: GenEval's
 # evaluation score; mixed: their mean (a pass is worth twice any near-miss, so partial credit alone

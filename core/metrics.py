@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
-log = logging.getLogger("vgrpo.metrics")
+log = logging.getLogger("vgrpo.core.metrics")
 
 Kind = Literal["counter", "gauge", "histogram"]
 

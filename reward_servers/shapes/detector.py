@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from vgrpo.shapes.spec import BACKGROUND, COLORS, MAX_SIDE, REFERENCE_SIZE, SHAPES, inside
+from vgrpo.reward_servers.shapes.spec import BACKGROUND, COLORS, MAX_SIDE, REFERENCE_SIZE, SHAPES, inside
 
 BACKGROUND_TOLERANCE = 40.0  # max channel offset of the border median still taken as the background grey
 MIN_AREA = 20.0  # px at 64 px: smaller blobs are specks, not objects (the smallest spec shape has 72)

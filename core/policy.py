@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from vgrpo.rollout_workers.samplers import apply_cfg, ode_sample, sd3_sigmas
+from vgrpo.core.flow import apply_cfg, ode_sample, sd3_sigmas
 
 # diffusers' lazily imported classes defeat static typing; these aliases name what each argument is
 StableDiffusion3Pipeline = Any  # diffusers.StableDiffusion3Pipeline

@@ -81,14 +81,22 @@ def inside(shape: str, dx: np.ndarray, dy: np.ndarray, side: float) -> np.ndarra
     raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
 
 
+POSITION_MARGIN = 0.1  # GenEval's position threshold: 0.1 x the summed box sizes, per axis
+
+
 def relation_direction(
-    c1: tuple[float, float], d1: tuple[float, float], c2: tuple[float, float], d2: tuple[float, float]
+    c1: tuple[float, float],
+    d1: tuple[float, float],
+    c2: tuple[float, float],
+    d2: tuple[float, float],
+    margin: float = POSITION_MARGIN,
 ) -> tuple[float, float] | None:
     """GenEval's position rule (docs/algorithms.md §7.1): `off = c1 - c2`, per axis
-    `rev = max(|off| - 0.1 (d1 + d2), 0) sign(off)` with the box widths on x and heights on y;
-    None when both are ~0 (no relation), else `rev / ||off||` (y grows downwards)."""
+    `rev = max(|off| - margin (d1 + d2), 0) sign(off)` with the box widths on x and heights on y;
+    None when both are ~0 (no relation), else `rev / ||off||` (y grows downwards). The one implementation
+    of the rule: the shapes reward and GenEval's (`reward_servers/geneval.py`) both call it."""
     off = (c1[0] - c2[0], c1[1] - c2[1])
-    rev = [max(abs(off[i]) - 0.1 * (d1[i] + d2[i]), 0.0) * math.copysign(1.0, off[i]) for i in (0, 1)]
+    rev = [max(abs(off[i]) - margin * (d1[i] + d2[i]), 0.0) * math.copysign(1.0, off[i]) for i in (0, 1)]
     norm = math.hypot(*off)
     if (abs(rev[0]) < 1e-3 and abs(rev[1]) < 1e-3) or norm == 0:
         return None
@@ -96,10 +104,14 @@ def relation_direction(
 
 
 def relations(
-    c1: tuple[float, float], d1: tuple[float, float], c2: tuple[float, float], d2: tuple[float, float]
+    c1: tuple[float, float],
+    d1: tuple[float, float],
+    c2: tuple[float, float],
+    d2: tuple[float, float],
+    margin: float = POSITION_MARGIN,
 ) -> set[str]:
     """The relations of object 1 to object 2 under GenEval's rule (several may hold at once)."""
-    d = relation_direction(c1, d1, c2, d2)
+    d = relation_direction(c1, d1, c2, d2, margin)
     if d is None:
         return set()
     dx, dy = d
