@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vgrpo-torch-extensions"))
     from vgrpo.data import PromptSource
-    from vgrpo.driver import derive_seeds, learner_shards
+    from vgrpo.driver import derive_seeds
     from vgrpo.evaluate import load_prompt_rows, score_heldout, shapes_reward
     from vgrpo.learner.engine import LearnerEngine
     from vgrpo.proto.config import load_config
+    from vgrpo.proto.messages import TrainShard, WeightUpdate
     from vgrpo.reward_servers.registry import get_reward
     from vgrpo.rollout_workers.engine import RolloutEngine
 
@@ -121,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = rollout.sample(
             [p.prompt for p in items], r.group_size, derive_seeds(seed, step, len(prompts)), window
         )
-        if window is not None:
-            batch["window_start"] = window[0]  # as the driver's collect: learner_shards passes it on
-        images = list(batch["images"])
+        images = list(batch.images)
         metadata = [p.metadata for p in items for _ in range(r.group_size)]
         total = np.zeros(len(prompts))
         for name, w in cfg.reward.weights.items():
@@ -136,9 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
             total += w * np.array(values, dtype=np.float64)
         group_b = np.repeat(np.arange(len(items)), r.group_size)
         adv, stats = learner.objective.advantages(torch.as_tensor(total), torch.as_tensor(group_b))
-        (shard,) = learner_shards(batch, group_b, adv.numpy(), r.group_size, 1, rollout.version)
+        (shard,) = TrainShard.split(batch, adv.numpy(), 1, rollout.version)
         metrics = learner.train_step(shard, step)
-        rollout.update_weights(step, learner.publish(1))
+        rollout.update_weights(WeightUpdate(step, learner.publish(1)))
         train_s += time.perf_counter() - t0
         history.append(
             {"step": step, "reward": float(total.mean()), "zero_std_frac": stats["zero_std_frac"], **metrics}

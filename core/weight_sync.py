@@ -24,7 +24,6 @@ The object-store path (``ray.put`` of the state dict) stays the fallback; this m
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +31,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from pydantic import ValidationError
+
+from vgrpo.proto.messages import WeightEntry, WeightManifest
 
 ALIGN = 16  # bytes: every tensor starts at a multiple of this inside a bucket, so views of any dtype work
 STORE_PREFIX = "vgrpo-weight-sync"
@@ -94,9 +96,11 @@ class WeightSyncGroup:
         opts.timeout = self.timeout
         self.backend.broadcast([tensor], opts).wait()
 
-    def _bcast_manifest(self, manifest: dict[str, Any] | None, src: int) -> dict[str, Any]:
+    def _bcast_manifest(self, manifest: WeightManifest | None, src: int) -> WeightManifest:
+        """The manifest as JSON bytes (a length, then the bytes), validated on every receiver."""
         if self.rank == src:
-            raw = json.dumps(manifest).encode()
+            assert manifest is not None
+            raw = manifest.model_dump_json().encode()
             length = torch.tensor([len(raw)], dtype=torch.int64, device=self.device)
         else:
             length = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -106,7 +110,11 @@ class WeightSyncGroup:
         else:
             payload = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
         self._bcast(payload, src)
-        return json.loads(bytes(payload.cpu().numpy().tobytes()).decode())
+        text = bytes(payload.cpu().numpy().tobytes()).decode()
+        try:
+            return WeightManifest.model_validate_json(text)
+        except ValidationError as e:
+            raise ValueError(f"weight manifest from rank {src} of the weight-sync group: {e}") from None
 
     def broadcast(
         self,
@@ -130,22 +138,22 @@ class WeightSyncGroup:
             if state is None:
                 raise ValueError("the sending rank must pass the state dict")
             entries, sizes = plan_buckets(state, bucket_mb)
-            manifest: dict[str, Any] | None = {
-                "version": version,
-                "sizes": sizes,
-                "entries": [e.__dict__ | {"shape": list(e.shape)} for e in entries],
-            }
+            manifest: WeightManifest | None = WeightManifest(
+                version=version,
+                sizes=sizes,
+                entries=[WeightEntry(**(e.__dict__ | {"shape": list(e.shape)})) for e in entries],
+            )
         else:
             manifest = None
         manifest = self._bcast_manifest(manifest, src)
-        entries = [Entry(**(e | {"shape": tuple(e["shape"])})) for e in manifest["entries"]]
+        entries = [Entry(**(e.model_dump() | {"shape": tuple(e.shape)})) for e in manifest.entries]
         mismatch = None
         if exact and out is not None and self.rank != src:
             mismatch = _mismatch(entries, out)
             if mismatch is not None:
                 out = None  # receive into scratch tensors: the receiver's model stays as it was
         received: dict[str, torch.Tensor] = {}
-        for b, size in enumerate(manifest["sizes"]):
+        for b, size in enumerate(manifest.sizes):
             in_bucket = [e for e in entries if e.bucket == b]
             bucket = torch.empty(size, dtype=torch.uint8, device=self.device)
             if self.rank == src:
@@ -173,10 +181,10 @@ class WeightSyncGroup:
                     received[e.name] = value.clone()
         if self.rank == src:
             assert state is not None
-            return int(manifest["version"]), dict(state)
+            return manifest.version, dict(state)
         if mismatch is not None:
-            raise ValueError(f"weight broadcast of version {manifest['version']}: {mismatch}")
-        return int(manifest["version"]), received
+            raise ValueError(f"weight broadcast of version {manifest.version}: {mismatch}")
+        return manifest.version, received
 
     def close(self) -> None:
         """Drop this rank's handle on the group (a rebuilt group replaces it); rank 0 frees its store."""

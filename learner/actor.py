@@ -17,6 +17,7 @@ import torch
 from vgrpo.core import metrics
 from vgrpo.core.weight_sync import WeightSyncMember
 from vgrpo.learner.engine import LearnerEngine
+from vgrpo.proto.messages import TrainShard, WeightUpdate
 
 
 class LearnerShell(LearnerEngine, WeightSyncMember):
@@ -36,14 +37,14 @@ class LearnerShell(LearnerEngine, WeightSyncMember):
     def ready(self) -> dict:
         return {"pid": os.getpid(), "rank": self.rank, "node": ray.util.get_node_ip_address()}
 
-    def train_step(self, shard: dict[str, Any], step: int) -> dict[str, float]:
+    def train_step(self, shard: TrainShard, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         try:
             out = super().train_step(shard, step)
         except Exception:
             metrics.error("learner", self.worker, "train_step")
             raise
-        n_samples = len(shard["latents"])
+        n_samples = len(shard)
         metrics.learner_stepped(self.worker, out, n_samples, time.perf_counter() - t0, self.version)
         return out
 
@@ -61,14 +62,14 @@ class LearnerShell(LearnerEngine, WeightSyncMember):
         metrics.weights_synced("learner", self.worker, time.perf_counter() - t0, n_bytes, self.version)
         return state if ship else {}
 
-    def published_weights(self, version: int) -> dict[str, torch.Tensor]:
+    def published_weights(self, version: int) -> WeightUpdate:
         """A published version still in the history (the last ``keep_history``): what a replacement
         rollout worker is loaded with, or the object-store fallback of a failed broadcast."""
         if version not in self.history:
             raise KeyError(
                 f"learner rank {self.rank}: version {version} is no longer kept (kept: {sorted(self.history)})"
             )
-        return self.history[version]
+        return WeightUpdate(version, self.history[version])
 
     def broadcast_weights(self, keep_history: int, bucket_mb: float | None) -> dict[str, Any]:
         """Publish the current version (as :meth:`publish`: every learner rank calls publish or this at

@@ -35,6 +35,7 @@ from vgrpo.core.flow import apply_cfg
 from vgrpo.learner.objectives import Objective, TrainBatch, build_objective
 from vgrpo.learner.objectives.base import Which
 from vgrpo.proto.config import AlgorithmConfig, LearnerConfig, ModelConfig, RolloutConfig
+from vgrpo.proto.messages import TrainShard
 
 
 class NonFiniteLossError(RuntimeError):
@@ -275,15 +276,13 @@ class LearnerEngine:
 
     # ------------------------------------------------------------------------------------ training
 
-    def train_step(self, shard: dict[str, Any], step: int) -> dict[str, float]:
-        """One update on this rank's share of the step's batch (whole prompt groups); every rank calls it.
-
-        ``shard`` holds numpy arrays ``latents`` (B,C,h,w), ``prompt_embeds`` (B,L,D), ``pooled`` (B,Dp),
-        ``group_ids`` (B,), ``advantages`` (B,), ``sigmas``, ``shift``, ``policy_version`` (the version that
-        sampled it) and for Flow-GRPO ``trajectory`` and ``logp``."""
+    def train_step(self, shard: TrainShard, step: int) -> dict[str, float]:
+        """One update on this rank's share of the step's batch (whole prompt groups, a ``TrainShard``:
+        proto/messages.py); every rank calls it."""
+        shard.check(f"the driver (step {step}, learner rank {self.rank})")
         t0 = time.perf_counter()
         obj = self.objective
-        behaviour = int(shard["policy_version"])
+        behaviour = int(shard.policy_version)
         if obj.old_policy == "behaviour":
             # theta_old = the exact weights that sampled the batch (§4.3); loaded into the old adapter when
             # they differ from the current ones, or when later inner steps will move the current ones
@@ -395,19 +394,18 @@ class LearnerEngine:
         """The EMA of the trainable weights (None without train.ema)."""
         return None if self.ema is None else {k: v.clone() for k, v in self.ema.items()}
 
-    def _to_batch(self, shard: dict[str, Any]) -> TrainBatch:
-        t = lambda k: torch.as_tensor(shard[k]).to(self.device)  # noqa: E731
-        opt = lambda k: t(k) if shard.get(k) is not None else None  # noqa: E731
+    def _to_batch(self, shard: TrainShard) -> TrainBatch:
+        t = lambda a: torch.as_tensor(a).to(self.device)  # noqa: E731
         return TrainBatch(
-            latents_bchw=t("latents").float(),
-            cond=(t("prompt_embeds"), t("pooled")),
-            group_ids_b=t("group_ids").long(),
-            advantages_b=t("advantages").float(),
-            sigmas=torch.as_tensor(shard["sigmas"], dtype=torch.float64),
-            shift=float(shard["shift"]),
-            trajectory_btchw=opt("trajectory"),
-            logp_old_bt=opt("logp"),
-            window_start=int(shard.get("window_start", 0)),
+            latents_bchw=t(shard.latents).float(),
+            cond=(t(shard.prompt_embeds), t(shard.pooled)),
+            group_ids_b=t(shard.group_ids).long(),
+            advantages_b=t(shard.advantages).float(),
+            sigmas=torch.as_tensor(shard.sigmas, dtype=torch.float64),
+            shift=float(shard.shift),
+            trajectory_btchw=t(shard.trajectory) if shard.trajectory is not None else None,
+            logp_old_bt=t(shard.logp) if shard.logp is not None else None,
+            window_start=int(shard.window_start),
         )
 
     # ------------------------------------------------------------------------------------ checkpoints

@@ -1,23 +1,40 @@
-"""Messages that cross process boundaries. Each is stamped with the policy version it concerns.
+"""The messages that cross an actor or process boundary (docs/architecture.md "Messages").
 
-Big tensors never go through pydantic: they travel as numpy/torch in Ray's object store and the message
-carries a :class:`TensorSpec` (shape and dtype) beside the reference.
+| message | sender → receiver | built in | checked in |
+|---|---|---|---|
+| `PromptItem` | prompt source → driver → rollout workers | `vgrpo/data.py` | pydantic |
+| `RolloutBatch` | rollout worker → driver | `RolloutEngine.sample` | `Trainer.collect` (`check`) |
+| `TrainShard` | driver → learner rank | `TrainShard.split` | `LearnerEngine.train_step` (`check`) |
+| `RewardScores` | reward servers (through `RewardClient`) → driver | `RewardClient.score_async` | there |
+| `WeightUpdate` | learner → rollout workers (object store) | `Trainer.store_weights` | `RolloutEngine.update_weights` |
+| `WeightManifest` | learner rank 0 → rollout workers (collective group) | `WeightSyncGroup.broadcast` | there |
+
+Messages that carry tensors are plain dataclasses of numpy arrays / torch tensors: Ray moves them through
+its object store as buffers (zero-copy for numpy), and `check(sender)` validates shapes, dtypes, group
+structure and versions at the receiving side in microseconds, raising `MessageError` naming the field
+and the sender. The small JSON-like messages are pydantic models (validated on construction).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MessageError(ValueError):
+    """A message that does not match its contract: names the message, the field and the sender."""
+
+    def __init__(self, message: str, sender: str, field_name: str, problem: str):
+        super().__init__(f"{message} from {sender}: {field_name} {problem}")
+        self.message, self.sender, self.field = message, sender, field_name
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-
-class TensorSpec(Message):
-    shape: list[int]
-    dtype: str
 
 
 class PromptItem(Message):
@@ -26,61 +43,272 @@ class PromptItem(Message):
     metadata: dict[str, Any] = Field(default_factory=dict, description="e.g. GenEval's tag/include")
 
 
-class PromptBatch(Message):
-    """What the driver asks one rollout worker to sample: G images for each prompt."""
+def _shape(arr: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in arr.shape)
 
-    step: int
-    policy_version: int = Field(description="the newest version the driver knows of")
-    prompts: list[PromptItem]
+
+class _Checker:
+    """Collects a message's field checks; the first failure raises `MessageError`."""
+
+    def __init__(self, message: str, sender: str):
+        self.message, self.sender = message, sender
+
+    def fail(self, field_name: str, problem: str) -> None:
+        raise MessageError(self.message, self.sender, field_name, problem)
+
+    def array(
+        self, field_name: str, arr: Any, ndim: int, dtypes: Sequence[str], lead: int | None = None
+    ) -> tuple[int, ...]:
+        if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
+            self.fail(field_name, f"is {type(arr).__name__}, want an array")
+        shape = _shape(arr)
+        if len(shape) != ndim:
+            self.fail(field_name, f"has shape {shape}, want {ndim} dimensions")
+        dtype = str(arr.dtype).removeprefix("torch.")
+        if dtype not in dtypes:
+            self.fail(field_name, f"has dtype {dtype}, want {' or '.join(dtypes)}")
+        if lead is not None and shape[0] != lead:
+            self.fail(field_name, f"has {shape[0]} rows (shape {shape}), want {lead}")
+        return shape
+
+    def finite(self, field_name: str, arr: np.ndarray) -> None:
+        if not np.all(np.isfinite(arr)):
+            self.fail(field_name, "holds non-finite values")
+
+    def sigmas(self, arr: np.ndarray) -> None:
+        self.array("sigmas", arr, 1, ("float64", "float32"))
+        if len(arr) < 2 or arr[0] > 1.0 + 1e-9 or arr[-1] != 0.0 or np.any(np.diff(arr) >= 0):
+            self.fail("sigmas", f"= {np.round(arr, 4).tolist()}, want a decreasing grid from <= 1 to 0")
+
+
+FLOATS = ("float32",)
+TRAJ_DTYPES = ("float32", "float64")
+
+
+@dataclass
+class RolloutBatch:
+    """A rollout worker's images for one step's share of prompts: G images per prompt, image j of prompt
+    i at row i·G + j. Arrays: ``latents`` (B, C, h, w) float32 final samples, ``images`` (B, H, W, 3)
+    uint8, ``prompt_embeds`` (P, L, D) and ``pooled`` (P, Dp) float32 per prompt, the sampler's
+    ``sigmas`` (N+1,); with an SDE sampler ``trajectory`` (B, T+1, C, h, w) and ``logp`` (B, T) over its
+    T recorded steps (all N, or the window starting at ``window_start``)."""
+
     group_size: int
-    seed: int = Field(description="base seed; image j of prompt i uses a seed derived from it")
+    policy_version: int
+    latents: np.ndarray
+    images: np.ndarray
+    prompt_embeds: np.ndarray
+    pooled: np.ndarray
+    sigmas: np.ndarray
+    shift: float
+    seconds: float = 0.0
+    trajectory: np.ndarray | None = None
+    logp: np.ndarray | None = None
+    window_start: int | None = None
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    def check(self, sender: str, num_prompts: int | None = None) -> RolloutBatch:
+        c = _Checker("RolloutBatch", sender)
+        if self.group_size < 1:
+            c.fail("group_size", f"= {self.group_size}, want >= 1")
+        if self.policy_version < 0:
+            c.fail("policy_version", f"= {self.policy_version}, want >= 0")
+        p = self.num_prompts
+        if num_prompts is not None and p != num_prompts:
+            c.fail("prompt_embeds", f"has {p} prompts, the driver asked for {num_prompts}")
+        b = p * self.group_size
+        lat = c.array("latents", self.latents, 4, FLOATS, lead=b)
+        img = c.array("images", self.images, 4, ("uint8",), lead=b)
+        if img[-1] != 3:
+            c.fail("images", f"has shape {img}, want (B, H, W, 3)")
+        c.array("prompt_embeds", self.prompt_embeds, 3, FLOATS)
+        c.array("pooled", self.pooled, 2, FLOATS, lead=p)
+        c.sigmas(self.sigmas)
+        c.finite("latents", self.latents)
+        if (self.trajectory is None) != (self.logp is None):
+            c.fail("trajectory", "and logp come together (an SDE sampler records both) or not at all")
+        if self.trajectory is not None and self.logp is not None:
+            traj = c.array("trajectory", self.trajectory, 5, TRAJ_DTYPES, lead=b)
+            logp = c.array("logp", self.logp, 2, TRAJ_DTYPES, lead=b)
+            if traj[1] != logp[1] + 1 or traj[2:] != lat[1:]:
+                c.fail("trajectory", f"has shape {traj}, want (B, T+1) + latent {lat[1:]} with logp {logp}")
+            steps = len(self.sigmas) - 1
+            start = self.window_start or 0
+            if start < 0 or start + logp[1] > steps:
+                c.fail("window_start", f"= {self.window_start} with {logp[1]} recorded steps of {steps}")
+        return self
+
+    @staticmethod
+    def concat(parts: Sequence[RolloutBatch]) -> RolloutBatch:
+        """The step's batch from the workers' shares (in prompt order); they must share a version, the
+        sampler grid and the window (the driver checks the version first, with its own message)."""
+        first = parts[0]
+        cat = lambda k: np.concatenate([getattr(p, k) for p in parts])  # noqa: E731
+        return replace(
+            first,
+            latents=cat("latents"),
+            images=cat("images"),
+            prompt_embeds=cat("prompt_embeds"),
+            pooled=cat("pooled"),
+            seconds=max(p.seconds for p in parts),
+            trajectory=cat("trajectory") if first.trajectory is not None else None,
+            logp=cat("logp") if first.logp is not None else None,
+        )
 
 
-class RolloutBatchMeta(Message):
-    """Describes a rollout batch whose tensors travel by object reference beside it."""
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering range(n) in ``parts`` near-equal contiguous pieces (some may be empty)."""
+    base, extra = divmod(n, parts)
+    out, lo = [], 0
+    for i in range(parts):
+        hi = lo + base + (1 if i < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
 
-    step: int
-    policy_version: int = Field(description="the single version that sampled every image of the batch")
-    worker: int
-    prompts: list[PromptItem]
+
+@dataclass
+class TrainShard:
+    """One learner rank's share of a step (whole prompt groups): the final ``latents`` (B, C, h, w), the
+    per-image text features ``prompt_embeds`` (B, L, D) and ``pooled`` (B, Dp), ``group_ids`` (B,) and
+    ``advantages`` (B,), the sampler's ``sigmas`` and ``shift``, the ``policy_version`` that sampled it,
+    and the SDE ``trajectory`` / ``logp`` (with ``window_start``) when the sampler recorded them."""
+
     group_size: int
-    seeds: list[int]
-    latents: TensorSpec
-    images: TensorSpec
-    extras: dict[str, TensorSpec] = Field(default_factory=dict, description="e.g. SDE trajectory, log-probs")
-    sample_seconds: float = 0.0
+    policy_version: int
+    latents: np.ndarray
+    prompt_embeds: np.ndarray
+    pooled: np.ndarray
+    group_ids: np.ndarray
+    advantages: np.ndarray
+    sigmas: np.ndarray
+    shift: float
+    trajectory: np.ndarray | None = None
+    logp: np.ndarray | None = None
+    window_start: int = 0
 
-    @model_validator(mode="after")
-    def _counts(self) -> RolloutBatchMeta:
-        n = len(self.prompts) * self.group_size
-        if len(self.seeds) != n or self.latents.shape[:1] != [n]:
-            raise ValueError(
-                f"rollout batch holds {n} images but {len(self.seeds)} seeds / latents {self.latents.shape}"
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    @staticmethod
+    def split(
+        batch: RolloutBatch, advantages: np.ndarray, num_ranks: int, policy_version: int
+    ) -> list[TrainShard]:
+        """The step's batch cut into one shard per learner rank, whole groups each (the one place a
+        shard is built: the driver's loop and the planner's measurement both call it)."""
+        g = batch.group_size
+        group_b = np.repeat(np.arange(batch.num_prompts), g)
+        embeds = np.repeat(batch.prompt_embeds, g, axis=0)
+        pooled = np.repeat(batch.pooled, g, axis=0)
+        shards = []
+        for lo, hi in split_evenly(batch.num_prompts, num_ranks):
+            sl = slice(lo * g, hi * g)
+            shards.append(
+                TrainShard(
+                    group_size=g,
+                    policy_version=policy_version,
+                    latents=batch.latents[sl],
+                    prompt_embeds=embeds[sl],
+                    pooled=pooled[sl],
+                    group_ids=group_b[sl],
+                    advantages=np.asarray(advantages[sl]),
+                    sigmas=batch.sigmas,
+                    shift=batch.shift,
+                    trajectory=batch.trajectory[sl] if batch.trajectory is not None else None,
+                    logp=batch.logp[sl] if batch.logp is not None else None,
+                    window_start=int(batch.window_start or 0),
+                )
             )
+        return shards
+
+    def check(self, sender: str) -> TrainShard:
+        c = _Checker("TrainShard", sender)
+        if self.policy_version < 0:
+            c.fail("policy_version", f"= {self.policy_version}, want >= 0")
+        b = len(self)
+        lat = c.array("latents", self.latents, 4, FLOATS)
+        c.array("prompt_embeds", self.prompt_embeds, 3, FLOATS, lead=b)
+        c.array("pooled", self.pooled, 2, FLOATS, lead=b)
+        c.array("group_ids", self.group_ids, 1, ("int64", "int32"), lead=b)
+        c.array("advantages", self.advantages, 1, ("float32", "float64"), lead=b)
+        c.finite("advantages", self.advantages)
+        c.sigmas(self.sigmas)
+        if b:
+            _, counts = np.unique(self.group_ids, return_counts=True)
+            if self.group_size < 1 or np.any(counts != self.group_size):
+                c.fail("group_ids", f"has groups of {sorted(set(counts.tolist()))} images, want whole groups "
+                       f"of group_size {self.group_size}")  # fmt: skip
+        if (self.trajectory is None) != (self.logp is None):
+            c.fail("trajectory", "and logp come together or not at all")
+        if self.trajectory is not None and self.logp is not None:
+            traj = c.array("trajectory", self.trajectory, 5, TRAJ_DTYPES, lead=b)
+            logp = c.array("logp", self.logp, 2, TRAJ_DTYPES, lead=b)
+            if traj[1] != logp[1] + 1 or traj[2:] != lat[1:]:
+                c.fail("trajectory", f"has shape {traj}, want (B, T+1) + latent {lat[1:]} with logp {logp}")
         return self
 
 
-class RewardRequest(Message):
-    policy_version: int
-    reward: str
-    prompts: list[str]
-    metadata: list[dict[str, Any]] = Field(default_factory=list)
-    images: TensorSpec
+@dataclass
+class RewardScores:
+    """The rewards of one batch: `values[name]` per image, `total` = sum of weight x value, each
+    reward's `details` and the `batch_sizes` its replicas scored the images in, the wall-clock
+    `seconds` and how many `retries` it took."""
+
+    values: dict[str, np.ndarray]
+    total: np.ndarray
+    details: dict[str, list[dict[str, Any]]]
+    batch_sizes: dict[str, list[int]]
+    seconds: float
+    retries: int
+
+    def check(self, sender: str, num_images: int) -> RewardScores:
+        c = _Checker("RewardScores", sender)
+        c.array("total", self.total, 1, ("float64", "float32"), lead=num_images)
+        c.finite("total", self.total)
+        for name, values in self.values.items():
+            c.array(f"values[{name!r}]", values, 1, ("float64", "float32"), lead=num_images)
+        return self
 
 
-class RewardResult(Message):
-    policy_version: int
-    reward: str
-    values: list[float]
-    details: list[dict[str, Any]] = Field(default_factory=list)
-    seconds: float = 0.0
+@dataclass
+class WeightUpdate:
+    """Published weights through the object store: the trainable tensors by name and the ``version``
+    (the step that produced them; 0 = the starting policy)."""
+
+    version: int
+    tensors: dict[str, Any]
+
+    def check(self, sender: str) -> WeightUpdate:
+        """The version and that every value is a tensor; whether the names and shapes fit the receiving
+        model is the receiver's check (``core.adapters.load_weights``: a partial update would mix
+        versions)."""
+        c = _Checker("WeightUpdate", sender)
+        if self.version < 0:
+            c.fail("version", f"= {self.version}, want >= 0")
+        if not isinstance(self.tensors, dict) or not self.tensors:
+            c.fail("tensors", "is empty, want the trainable tensors by name")
+        for name, value in self.tensors.items():
+            if not hasattr(value, "shape"):
+                c.fail(f"tensors[{name!r}]", f"is {type(value).__name__}, want a tensor")
+        return self
 
 
-class WeightUpdateManifest(Message):
-    """The learner's published weights: names, shapes and dtypes; the payload travels beside it."""
+class WeightEntry(Message):
+    name: str
+    shape: list[int]
+    dtype: str = Field(description="torch dtype name: float32, bfloat16, ...")
+    bucket: int = Field(ge=0)
+    offset: int = Field(ge=0, description="bytes into the bucket")
+    nbytes: int = Field(ge=0)
 
-    policy_version: int
-    kind: str = Field(description="lora | full")
-    tensors: dict[str, TensorSpec]
-    num_bytes: int
-    transport: str = Field("object_store", description="object_store | nccl")
+
+class WeightManifest(Message):
+    """What precedes a collective weight broadcast (as JSON bytes): the version, the bucket sizes and
+    where each tensor lies in them."""
+
+    version: int = Field(ge=0)
+    sizes: list[int]
+    entries: list[WeightEntry]

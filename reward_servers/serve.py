@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse
 
 from vgrpo.core import metrics
 from vgrpo.proto.config import RewardConfig, RewardServerConfig
+from vgrpo.proto.messages import RewardScores
 from vgrpo.reward_servers import registry
 from vgrpo.reward_servers.base import ScoredItem
 from vgrpo.reward_servers.http_client import ImageFormatError, decode_image, to_uint8_rgb
@@ -305,20 +306,6 @@ async def _score_items(
     flat = await asyncio.gather(*coros)
     n = len(images)
     return {name: list(flat[k * n : (k + 1) * n]) for k, name in enumerate(names)}
-
-
-@dataclass
-class RewardScores:
-    """The rewards of one batch: `values[name]` per image, `total` = sum of weight x value, each
-    reward's `details` and the `batch_sizes` its replicas scored the images in, the wall-clock
-    `seconds` and how many `retries` it took."""
-
-    values: dict[str, np.ndarray]
-    total: np.ndarray
-    details: dict[str, list[dict[str, Any]]]
-    batch_sizes: dict[str, list[int]]
-    seconds: float
-    retries: int
 
 
 class RewardClient:

@@ -17,6 +17,7 @@ from vgrpo.core import metrics
 from vgrpo.core.adapters import load_weights, trainable_params
 from vgrpo.core.heldout import sample_heldout
 from vgrpo.core.weight_sync import WeightSyncMember
+from vgrpo.proto.messages import RolloutBatch, WeightUpdate
 from vgrpo.rollout_workers.engine import RolloutEngine
 
 
@@ -37,23 +38,23 @@ class RolloutWorkerShell(RolloutEngine, WeightSyncMember):
         group_size: int,
         seeds: list[int],
         window: tuple[int, int] | None = None,
-    ) -> dict[str, Any]:
+    ) -> RolloutBatch:
         try:
             out = super().sample(prompts, group_size, seeds, window)
         except Exception:
             metrics.error("rollout", self.worker, "sample")
             raise
-        metrics.rollout_sampled(self.worker, len(seeds), out["seconds"], out["policy_version"])
+        metrics.rollout_sampled(self.worker, len(seeds), out.seconds, out.policy_version)
         return out
 
-    def update_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
+    def update_weights(self, update: WeightUpdate) -> int:
         t0 = time.perf_counter()
         try:
-            got = super().update_weights(version, state)
+            got = super().update_weights(update)
         except Exception:
             metrics.error("rollout", self.worker, "update_weights")
             raise
-        n_bytes = sum(int(v.numel()) * v.element_size() for v in state.values())
+        n_bytes = sum(int(v.numel()) * v.element_size() for v in update.tensors.values())
         metrics.weights_synced("rollout", self.worker, time.perf_counter() - t0, n_bytes, got)
         return got
 

@@ -23,6 +23,7 @@ from vgrpo.core.flow import (
 )
 from vgrpo.core.heldout import sample_heldout
 from vgrpo.proto.config import ModelConfig, RolloutConfig
+from vgrpo.proto.messages import RolloutBatch, WeightUpdate
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -70,11 +71,12 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------------------------ weights
 
-    def update_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
+    def update_weights(self, update: WeightUpdate) -> int:
         """Apply a published update atomically (under the sampling lock) and adopt its version."""
+        update.check("the driver (update_weights)")
         with self._lock:
-            load_weights(self.pipe.transformer, state)
-            self.version = int(version)
+            load_weights(self.pipe.transformer, update.tensors)
+            self.version = int(update.version)
             self.incomplete = False  # every trainable weight was just written
         return self.version
 
@@ -111,15 +113,13 @@ class RolloutEngine:
         group_size: int,
         seeds: list[int],
         window: tuple[int, int] | None = None,
-    ) -> dict[str, Any]:
-        """G images for each prompt (image j of prompt i at index i*G + j, its noise from seeds[i*G + j]).
-
-        Returns numpy arrays: ``latents`` (B, C, h, w) float32 final samples, ``images`` (B, H, W, 3)
-        uint8, ``prompt_embeds`` (P, L, D) and ``pooled`` (P, Dp) per prompt, and for the SDE sampler
-        ``trajectory`` (B, N+1, C, h, w) and ``logp`` (B, N); plus ``policy_version`` and ``seconds``.
+    ) -> RolloutBatch:
+        """G images for each prompt (image j of prompt i at index i*G + j, its noise from seeds[i*G + j]),
+        as a ``RolloutBatch`` (proto/messages.py): final latents, images, per-prompt text features, the
+        sampler's grid, and for the SDE sampler the trajectory (B, N+1, C, h, w) and log-probs (B, N).
         The ``sde_window`` sampler (MixGRPO, Flow-GRPO-Fast) takes ``window = (start, W)``, the same for
-        every image of the call, and returns ``trajectory`` (B, W+1, C, h, w), ``logp`` (B, W) and
-        ``window_start``."""
+        every image of the call, and records the window's trajectory (B, W+1, C, h, w) and log-probs
+        (B, W) from ``window_start``."""
         n = len(prompts) * group_size
         if len(seeds) != n:
             raise ValueError(
@@ -166,22 +166,21 @@ class RolloutEngine:
                 out["latents"].append(x0.float().cpu())
             latents = torch.cat(out["latents"])
             images = P.decode_latents(pipe.vae, latents)
-            result: dict[str, Any] = {
-                "latents": latents.numpy(),
-                "images": images,
-                "prompt_embeds": embeds_pld.float().cpu().numpy(),
-                "pooled": pooled_pd.float().cpu().numpy(),
-                "sigmas": self.sigmas.numpy(),
-                "shift": self.shift,
-                "policy_version": version,
-                "seconds": time.perf_counter() - t0,
-            }
-            if out["trajectory"]:
-                result["trajectory"] = torch.cat(out["trajectory"]).numpy()
-                result["logp"] = torch.cat(out["logp"]).numpy()
-            if window is not None:
-                result["window_start"] = int(window[0])
-            return result
+            recorded = bool(out["trajectory"])
+            return RolloutBatch(
+                group_size=group_size,
+                policy_version=version,
+                latents=latents.numpy(),
+                images=images,
+                prompt_embeds=embeds_pld.float().cpu().numpy(),
+                pooled=pooled_pd.float().cpu().numpy(),
+                sigmas=self.sigmas.numpy(),
+                shift=self.shift,
+                seconds=time.perf_counter() - t0,
+                trajectory=torch.cat(out["trajectory"]).numpy() if recorded else None,
+                logp=torch.cat(out["logp"]).numpy() if recorded else None,
+                window_start=int(window[0]) if window is not None else None,
+            )
 
     def _velocity_fn(self, embeds_bld: torch.Tensor, pooled_bd: torch.Tensor):
         transformer, w = self.pipe.transformer, self.cfg.guidance_scale

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from vgrpo.proto.config import ConfigError, RunConfig, dump_config, load_config
-from vgrpo.proto.messages import RolloutBatchMeta, TensorSpec, WeightUpdateManifest
 
 CONTRACT_KEYS = [
     "train.steps",
@@ -120,41 +119,6 @@ def test_cli_config_prints_yaml_and_rejects_fast_without_traceback():
     )
     assert bad.returncode == 2
     assert "train.stepz" in bad.stderr and "steps" in bad.stderr and "Traceback" not in bad.stderr
-
-
-def test_messages_validate_counts_and_versions():
-    spec = TensorSpec(shape=[4, 16, 8, 8], dtype="float32")
-    img = TensorSpec(shape=[4, 64, 64, 3], dtype="uint8")
-    from vgrpo.proto.messages import PromptItem
-
-    prompts = [
-        PromptItem(prompt="a photo of a circle", prompt_id=0),
-        PromptItem(prompt="a photo of a ring", prompt_id=1),
-    ]
-    meta = RolloutBatchMeta(
-        step=1,
-        policy_version=0,
-        worker=0,
-        prompts=prompts,
-        group_size=2,
-        seeds=[1, 2, 3, 4],
-        latents=spec,
-        images=img,
-    )
-    assert RolloutBatchMeta.model_validate_json(meta.model_dump_json()) == meta
-    with pytest.raises(ValueError, match="4 images"):
-        RolloutBatchMeta(
-            step=1,
-            policy_version=0,
-            worker=0,
-            prompts=prompts,
-            group_size=2,
-            seeds=[1, 2, 3],
-            latents=spec,
-            images=img,
-        )
-    m = WeightUpdateManifest(policy_version=3, kind="lora", tensors={"a": spec}, num_bytes=10)
-    assert WeightUpdateManifest.model_validate_json(m.model_dump_json()).policy_version == 3
 
 
 def test_yaml_words_stay_words(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vgrpo.proto.config import load_config
+from vgrpo.proto.messages import TrainShard
 
 
 def _free_port() -> int:
@@ -42,24 +43,23 @@ def _engine(port: int, *sets: str) -> Any:
     return eng
 
 
-def _shard(eng: Any, step: int) -> dict[str, Any]:
+def _shard(eng: Any, step: int) -> TrainShard:
     from vgrpo.core.flow import sd3_sigmas
 
     c = eng.module.config
     rng = np.random.default_rng(step)
     b = 4
-    return {
-        "latents": rng.standard_normal((b, c.in_channels, c.sample_size, c.sample_size)).astype(np.float32),
-        "prompt_embeds": rng.standard_normal((b, 3, c.joint_attention_dim)).astype(np.float32),
-        "pooled": rng.standard_normal((b, c.pooled_projection_dim)).astype(np.float32),
-        "group_ids": np.array([0, 0, 1, 1]),
-        "advantages": np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32),
-        "sigmas": sd3_sigmas(4, shift=3.0).numpy(),
-        "shift": 3.0,
-        "policy_version": step - 1,
-        "trajectory": None,
-        "logp": None,
-    }
+    return TrainShard(
+        group_size=2,
+        policy_version=step - 1,
+        latents=rng.standard_normal((b, c.in_channels, c.sample_size, c.sample_size)).astype(np.float32),
+        prompt_embeds=rng.standard_normal((b, 3, c.joint_attention_dim)).astype(np.float32),
+        pooled=rng.standard_normal((b, c.pooled_projection_dim)).astype(np.float32),
+        group_ids=np.array([0, 0, 1, 1]),
+        advantages=np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32),
+        sigmas=sd3_sigmas(4, shift=3.0).numpy(),
+        shift=3.0,
+    )
 
 
 def _step(eng: Any, step: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 
 from vgrpo.driver import TrainingError, check_staleness, derive_seeds, split_evenly
 from vgrpo.proto.config import load_config
+from vgrpo.proto.messages import WeightUpdate
 
 FAST = [
     "train.steps=2",
@@ -106,20 +107,21 @@ def test_weight_update_is_atomic(tmp_path):
     bad = dict(good)
     bad.pop(next(iter(bad)))
     with pytest.raises(ValueError, match="missing"):
-        eng.update_weights(1, bad)
+        eng.update_weights(WeightUpdate(1, bad))
     assert eng.get_version() == 0
     assert all(torch.equal(before[k], p) for k, p in params.items())
     wrong_shape = dict(good)
     k0 = next(iter(wrong_shape))
     wrong_shape[k0] = torch.zeros(3)
     with pytest.raises(ValueError, match="shape"):
-        eng.update_weights(1, wrong_shape)
+        eng.update_weights(WeightUpdate(1, wrong_shape))
     assert all(torch.equal(before[k], p) for k, p in params.items())
-    assert eng.update_weights(1, good) == 1
+    assert eng.update_weights(WeightUpdate(1, good)) == 1
     assert all(torch.equal(good[k], p) for k, p in params.items())
     out = eng.sample(["a photo of a red circle"], 2, [1, 2])
-    assert out["policy_version"] == 1 and out["images"].shape[0] == 2
-    assert np.isfinite(out["latents"]).all()
+    assert out.policy_version == 1 and out.images.shape[0] == 2
+    assert np.isfinite(out.latents).all()
+    out.check("the test", num_prompts=1)
 
 
 @pytest.mark.parametrize("max_staleness", [0, 1])

@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from vgrpo.core.weight_sync import ALIGN, init_weight_sync_group, plan_buckets
+from vgrpo.proto.messages import WeightUpdate
 
 
 def make_state(version: int) -> dict[str, torch.Tensor]:
@@ -161,7 +162,7 @@ def test_receive_adopts_a_version_atomically(tmp_path: Path) -> None:
             time.sleep(0.01)
         out = eng.sample(["a photo of a red circle"], 2, [1, 2])  # waits for the receive to finish
         receiver.join(timeout=60)
-        assert got == {"v": 3} and out["policy_version"] == 3
+        assert got == {"v": 3} and out.policy_version == 3
         assert all(torch.equal(p, states[3][k]) for k, p in params.items())
         assert {k: p.data_ptr() for k, p in params.items()} == ids
 
@@ -170,9 +171,11 @@ def test_receive_adopts_a_version_atomically(tmp_path: Path) -> None:
         assert eng.incomplete and eng.get_version() == 3
         with pytest.raises(RuntimeError, match="partial weight update"):
             eng.sample(["a photo of a red circle"], 2, [1, 2])
-        assert eng.update_weights(4, states[4]) == 4  # the object-store fallback makes it whole again
+        assert (
+            eng.update_weights(WeightUpdate(4, states[4])) == 4
+        )  # the object-store fallback makes it whole again
         assert not eng.incomplete
-        assert eng.sample(["a photo of a red circle"], 2, [1, 2])["policy_version"] == 4
+        assert eng.sample(["a photo of a red circle"], 2, [1, 2]).policy_version == 4
     finally:
         sender.join(timeout=30)
         if sender.is_alive():

@@ -22,6 +22,7 @@ from vgrpo.proto.config import (
     MixGRPOConfig,
     load_config,
 )
+from vgrpo.proto.messages import RolloutBatch, TrainShard
 from vgrpo.toy.train import rollout
 
 WINDOWED = ("mixgrpo", "flow_grpo_fast")
@@ -240,25 +241,25 @@ class FakeWorker:
     def _sample(self, prompts, group_size, seeds, window):
         self.calls.append(window)
         b, w = len(prompts) * group_size, window[1]
-        return {
-            "latents": np.zeros((b, 2, 4, 4), np.float32),
-            "images": np.zeros((b, 8, 8, 3), np.uint8),
-            "prompt_embeds": np.zeros((len(prompts), 3, 5), np.float32),
-            "pooled": np.zeros((len(prompts), 5), np.float32),
-            "trajectory": np.zeros((b, w + 1, 2, 4, 4), np.float32),
-            "logp": np.zeros((b, w), np.float32),
-            "window_start": window[0],
-            "sigmas": sd3_sigmas(4, 3.0).numpy(),
-            "shift": 3.0,
-            "policy_version": 0,
-            "seconds": 0.0,
-        }
+        return RolloutBatch(
+            group_size=group_size,
+            policy_version=0,
+            latents=np.zeros((b, 2, 4, 4), np.float32),
+            images=np.zeros((b, 8, 8, 3), np.uint8),
+            prompt_embeds=np.zeros((len(prompts), 3, 5), np.float32),
+            pooled=np.zeros((len(prompts), 5), np.float32),
+            sigmas=sd3_sigmas(10, 3.0).numpy(),
+            shift=3.0,
+            trajectory=np.zeros((b, w + 1, 2, 4, 4), np.float32),
+            logp=np.zeros((b, w), np.float32),
+            window_start=window[0],
+        )
 
 
 def test_the_window_is_decided_once_per_step_and_reaches_every_learner_shard(tmp_path):
     """launch draws the step's window once and gives it to every worker; a dead worker's redone share
     samples with the same window; the batch and every learner shard carry its start."""
-    from vgrpo.driver import RunDir, Trainer, learner_shards
+    from vgrpo.driver import RunDir, Trainer
 
     sets = ["algorithm.name=flow_grpo_fast", "rollout.prompts_per_step=3", "rollout.group_size=2"]
     cfg = load_config(None, [*sets, "train.seed=5"])
@@ -276,7 +277,7 @@ def test_the_window_is_decided_once_per_step_and_reaches_every_learner_shard(tmp
     trainer.on_workers = redo_everything  # type: ignore[method-assign]
     batch = trainer.collect(roles, pending)  # type: ignore[arg-type]
     assert calls == [pending.window] * 4  # two launched, two redone
-    assert batch["window_start"] == pending.window[0] and batch["logp"].shape == (6, 2)
-    shards = learner_shards(batch, np.repeat(np.arange(3), 2), np.zeros(6), 2, 2, 0)
-    assert [s["window_start"] for s in shards] == [pending.window[0]] * 2
-    assert [s["trajectory"].shape[1] for s in shards] == [3, 3]
+    assert batch.window_start == pending.window[0] and batch.logp is not None and batch.logp.shape == (6, 2)
+    shards = TrainShard.split(batch, np.zeros(6), 2, 0)
+    assert [s.check("the test").window_start for s in shards] == [pending.window[0]] * 2
+    assert [s.trajectory.shape[1] for s in shards if s.trajectory is not None] == [3, 3]

@@ -37,7 +37,7 @@ import numpy as np
 from vgrpo import placement
 from vgrpo.core.metrics import export_step
 from vgrpo.proto.config import RunConfig, dump_config
-from vgrpo.proto.messages import PromptItem
+from vgrpo.proto.messages import PromptItem, RolloutBatch, TrainShard, WeightUpdate, split_evenly
 
 log = logging.getLogger("vgrpo")
 
@@ -161,53 +161,6 @@ def check_staleness(versions: list[int], step: int, max_staleness: int) -> int:
             f"(version {step - 1}); train.max_staleness = {max_staleness}"
         )
     return staleness
-
-
-def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges covering range(n) in ``parts`` near-equal contiguous pieces (some may be empty)."""
-    base, extra = divmod(n, parts)
-    out, lo = [], 0
-    for i in range(parts):
-        hi = lo + base + (1 if i < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
-
-
-def learner_shards(
-    batch: dict[str, Any],
-    group_b: np.ndarray,
-    adv_b: np.ndarray,
-    group_size: int,
-    num_ranks: int,
-    policy_version: int,
-) -> list[dict[str, Any]]:
-    """A rollout batch cut into one training shard per learner rank (whole groups each): the final
-    latents, the per-image text features, group ids and advantages, the sampler's sigmas, and the
-    trajectory and log-probs when the sampler recorded them (Flow-GRPO's SDE; MixGRPO's and
-    Flow-GRPO-Fast's window, with its ``window_start``)."""
-    n_prompts = len(group_b) // group_size
-    embeds = np.repeat(batch["prompt_embeds"], group_size, axis=0)
-    pooled = np.repeat(batch["pooled"], group_size, axis=0)
-    shards = []
-    for lo, hi in split_evenly(n_prompts, num_ranks):
-        sl = slice(lo * group_size, hi * group_size)
-        shards.append(
-            {
-                "latents": batch["latents"][sl],
-                "prompt_embeds": embeds[sl],
-                "pooled": pooled[sl],
-                "group_ids": group_b[sl],
-                "advantages": adv_b[sl],
-                "sigmas": batch["sigmas"],
-                "shift": batch["shift"],
-                "policy_version": policy_version,
-                "trajectory": batch["trajectory"][sl] if batch.get("trajectory") is not None else None,
-                "logp": batch["logp"][sl] if batch.get("logp") is not None else None,
-                "window_start": int(batch.get("window_start", 0)),
-            }
-        )
-    return shards
 
 
 def image_grid(images_bhwc: np.ndarray, columns: int) -> np.ndarray:
@@ -520,7 +473,7 @@ class Roles:
 
     def replace_worker(self, i: int, version: int, weights: Any) -> None:
         """A new rollout worker i in the dead one's placement-group bundle, holding policy ``version``
-        (``weights``: its published payload or ObjectRef; None for the starting policy)."""
+        (``weights``: its published ``WeightUpdate`` or an ObjectRef of it; None for the starting policy)."""
         import ray
 
         with contextlib.suppress(Exception):  # dead already, or hung: release its bundle
@@ -529,7 +482,7 @@ class Roles:
         w = self._new_worker(i)
         self.get(w.ready.remote(), f"rollout worker {i} (replacement, loading the policy)")
         if weights is not None:
-            self.get(w.update_weights.remote(version, weights), f"rollout worker {i} (replacement weights)")
+            self.get(w.update_weights.remote(weights), f"rollout worker {i} (replacement weights)")
         self.workers[i] = w
 
     def dead_learner_ranks(self, probe_s: float = 10.0) -> list[int]:
@@ -609,7 +562,7 @@ class Trainer:
 
     def weights_for(self, roles: Roles, version: int) -> Any:
         """The published weights of ``version`` for a replacement worker or an object-store update: an
-        ObjectRef, or None (the starting policy). A version that went by broadcast is fetched from learner
+        ObjectRef of its ``WeightUpdate``, or None (the starting policy). A version that went by broadcast is fetched from learner
         rank 0's publish history on first use (and then kept as an ObjectRef like the others)."""
         weights = self.published.get(version)
         if isinstance(weights, str) and weights == KEPT_BY_LEARNER:
@@ -652,9 +605,7 @@ class Trainer:
                 roles.replace_worker(i, version, self.weights_for(roles, version))
                 refs[i] = calls[i](roles.workers[i])
                 if version < self.version:  # the redone share sampled `version`; now catch up
-                    roles.workers[i].update_weights.remote(
-                        self.version, self.weights_for(roles, self.version)
-                    )
+                    roles.workers[i].update_weights.remote(self.weights_for(roles, self.version))
 
     def resume_hint(self) -> str:
         ckpts = self.run.checkpoint_dirs()
@@ -704,9 +655,10 @@ class Trainer:
             step, prompts, seeds, refs, slices, data_before, version=self.version, window=window
         )
 
-    def collect(self, roles: Roles, pending: PendingRollout) -> dict[str, Any]:
-        """The step's rollouts; the share of a worker that died is redone by its replacement, with the
-        same prompts, seeds and policy version (so the batch is what it would have been)."""
+    def collect(self, roles: Roles, pending: PendingRollout) -> RolloutBatch:
+        """The step's rollouts, each worker's share checked (proto/messages.py) and joined in prompt
+        order; the share of a worker that died is redone by its replacement, with the same prompts, seeds
+        and policy version (so the batch is what it would have been)."""
         r = self.cfg.rollout
 
         def call(i: int) -> Any:
@@ -728,17 +680,12 @@ class Trainer:
 
         calls = {i: call(i) for i, ref in enumerate(pending.refs) if ref is not None}
         got = self.on_workers(roles, calls, f"sampling step {pending.step}", pending.version)
-        parts = [got[i] for i in sorted(got)]
-        cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
-        batch: dict[str, Any] = {k: cat(k) for k in ("latents", "images", "prompt_embeds", "pooled")}
-        if "trajectory" in parts[0]:
-            batch["trajectory"], batch["logp"] = cat("trajectory"), cat("logp")
-        if pending.window is not None:
-            batch["window_start"] = pending.window[0]
-        batch["versions"] = [p["policy_version"] for p in parts]
-        batch["sigmas"], batch["shift"] = parts[0]["sigmas"], parts[0]["shift"]
-        batch["sample_seconds"] = max(p["seconds"] for p in parts)
-        return batch
+        parts = []
+        for i in sorted(got):
+            lo, hi = pending.slices[i]
+            parts.append(got[i].check(f"rollout worker {i} (step {pending.step})", num_prompts=hi - lo))
+        check_staleness([p.policy_version for p in parts], pending.step, self.cfg.train.max_staleness)
+        return RolloutBatch.concat(parts)
 
     # --- one step ----------------------------------------------------------------------------------
 
@@ -751,8 +698,8 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.collect(roles, pending)
         t_rollout = time.perf_counter() - t0
-        staleness = check_staleness(batch["versions"], step, cfg.train.max_staleness)
-        oldest = min(batch["versions"])
+        staleness = (step - 1) - batch.policy_version  # collect checked it against train.max_staleness
+        oldest = batch.policy_version
         # the overlap: the next step's rollout runs on the workers while this step scores and learns
         if cfg.train.max_staleness >= 1 and step < cfg.train.steps:
             self.pending.append(self.launch(roles, step + 1))
@@ -760,7 +707,9 @@ class Trainer:
         t0 = time.perf_counter()
         prompts = [p.prompt for p in pending.prompts for _ in range(r.group_size)]
         metadata = [p.metadata for p in pending.prompts for _ in range(r.group_size)]
-        scores = roles.rewards.score(batch["images"], prompts, metadata)
+        scores = roles.rewards.score(batch.images, prompts, metadata).check(
+            "the reward servers", len(prompts)
+        )
         t_reward = time.perf_counter() - t0
 
         import torch
@@ -768,7 +717,7 @@ class Trainer:
         group_b = np.repeat(np.arange(len(pending.prompts)), r.group_size)
         adv_b, adv_stats = roles.objective.advantages(torch.as_tensor(scores.total), torch.as_tensor(group_b))
         t0 = time.perf_counter()
-        shards = learner_shards(batch, group_b, adv_b.numpy(), r.group_size, len(roles.learners), oldest)
+        shards = TrainShard.split(batch, adv_b.numpy(), len(roles.learners), oldest)
         results = self.on_learners(
             roles,
             [lrn.train_step.remote(s, step) for lrn, s in zip(roles.learners, shards, strict=True)],
@@ -801,7 +750,7 @@ class Trainer:
             "time/learner": t_learner,
             "time/weight_sync": t_sync,
             "time/step": elapsed,
-            "time/sample_compute": float(batch["sample_seconds"]),
+            "time/sample_compute": float(batch.seconds),
             "grad_norm": float(results[0]["grad_norm"]),
             "lr": results[0]["lr"],
             "weight_sync_bytes": n_bytes,
@@ -818,7 +767,7 @@ class Trainer:
                 row[k] = float(np.mean([res.get(k, 0.0) for res in results]))
         if not math.isfinite(loss):
             raise TrainingError(f"step {step}: non-finite loss {loss}")
-        self._last_batch = (batch["images"], prompts, scores.total)
+        self._last_batch = (batch.images, prompts, scores.total)
         return row
 
     # --- weight sync -------------------------------------------------------------------------------
@@ -833,10 +782,8 @@ class Trainer:
         states = self.on_learners(
             roles, [lrn.publish.remote(keep, k == 0) for k, lrn in enumerate(roles.learners)], "publish", step
         )
-        weights_ref = self._publish(step, ray.put(states[0]))
-        updates = {
-            i: (lambda w: w.update_weights.remote(step, weights_ref)) for i in range(len(roles.workers))
-        }
+        weights_ref = self._publish(step, ray.put(WeightUpdate(step, states[0])))
+        updates = {i: (lambda w: w.update_weights.remote(weights_ref)) for i in range(len(roles.workers))}
         self.version = step
         if cfg.train.max_staleness == 0:
             self.on_workers(roles, updates, f"update_weights to version {step}", step)
@@ -937,7 +884,7 @@ class Trainer:
             if state in ("dead", "hung"):
                 roles.replace_worker(i, step, weights)
             else:
-                alive[i] = lambda w: w.update_weights.remote(step, weights)
+                alive[i] = lambda w: w.update_weights.remote(weights)
         if alive:
             self.on_workers(roles, alive, f"update_weights to version {step} (broadcast fallback)", step)
         roles.sync_members = None  # rebuilt before the next broadcast; now, unless a member is still dead

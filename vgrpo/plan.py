@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vgrpo.proto.config import RunConfig, load_config
+from vgrpo.proto.messages import TrainShard, WeightUpdate
 
 ROLES = ("rollout", "reward", "learner")
 Granularity = Literal["prompt", "image"]
@@ -558,12 +559,12 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
     window = obj.rollout_window(1, cfg.rollout.num_steps, cfg.train.seed)  # MixGRPO, Flow-GRPO-Fast
     eng.sample(batch_prompts[:1], g, list(range(g)), window)  # warm-up
     out = eng.sample(batch_prompts, g, list(range(100, 100 + n)), window)
-    rollout_s = out["seconds"] / n
+    rollout_s = out.seconds / n
     log(
-        f"  measured rollout: {n} images in {out['seconds']:.2f} s (load + warm-up {time.perf_counter() - t0:.1f} s)"
+        f"  measured rollout: {n} images in {out.seconds:.2f} s (load + warm-up {time.perf_counter() - t0:.1f} s)"
     )
 
-    images = list(out["images"])
+    images = list(out.images)
     prompt_b = [p for p in batch_prompts for _ in range(g)]
     reward_s = 0.0
     reward_cpu = True
@@ -593,27 +594,14 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     lrn.init_distributed("127.0.0.1", port, keep_history=2 if stale else 0)
-    group_b = np.repeat(np.arange(prompts), g)
     rng = np.random.default_rng(0)
-    shard = {
-        "latents": out["latents"],
-        "prompt_embeds": np.repeat(out["prompt_embeds"], g, axis=0),
-        "pooled": np.repeat(out["pooled"], g, axis=0),
-        "group_ids": group_b,
-        "advantages": rng.standard_normal(n).astype(np.float32),
-        "sigmas": out["sigmas"],
-        "shift": out["shift"],
-        "policy_version": 0,
-        "trajectory": out.get("trajectory"),
-        "logp": out.get("logp"),
-        "window_start": out.get("window_start", 0),
-    }
+    (shard,) = TrainShard.split(out, rng.standard_normal(n).astype(np.float32), 1, 0)
     lrn.train_step(shard, 1)  # warm-up (on-policy); publishes version 1
     t1 = time.perf_counter()
     state = lrn.publish(keep_history=2)
-    eng.update_weights(1, state)
+    eng.update_weights(WeightUpdate(1, state))
     sync_s = time.perf_counter() - t1
-    shard["policy_version"] = 0 if stale else 1  # stale: the old-policy forwards of a lagging batch run
+    shard.policy_version = 0 if stale else 1  # stale: the old-policy forwards of a lagging batch run
     t1 = time.perf_counter()
     lrn.train_step(shard, 2)
     learner_s = (time.perf_counter() - t1) / n

@@ -1,0 +1,110 @@
+"""The typed messages of proto/messages.py: each check names the message, the field and the sender, and
+a shard split keeps whole groups and every per-image array in step."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from vgrpo.core.flow import sd3_sigmas
+from vgrpo.proto.messages import (
+    MessageError,
+    RewardScores,
+    RolloutBatch,
+    TrainShard,
+    WeightManifest,
+    WeightUpdate,
+    split_evenly,
+)
+
+
+def batch(p: int = 3, g: int = 2, sde: bool = False, steps: int = 4) -> RolloutBatch:
+    b = p * g
+    rng = np.random.default_rng(0)
+    return RolloutBatch(
+        group_size=g,
+        policy_version=2,
+        latents=rng.standard_normal((b, 2, 4, 4)).astype(np.float32),
+        images=np.zeros((b, 8, 8, 3), np.uint8),
+        prompt_embeds=np.arange(p, dtype=np.float32)[:, None, None] * np.ones((p, 3, 5), np.float32),
+        pooled=np.arange(p, dtype=np.float32)[:, None] * np.ones((p, 5), np.float32),
+        sigmas=sd3_sigmas(steps, 3.0).numpy(),
+        shift=3.0,
+        trajectory=np.zeros((b, steps + 1, 2, 4, 4), np.float32) if sde else None,
+        logp=np.zeros((b, steps), np.float32) if sde else None,
+    )
+
+
+def test_a_well_formed_rollout_batch_passes_and_concat_keeps_prompt_order():
+    a, b = batch(2).check("worker 0", num_prompts=2), batch(1).check("worker 1", num_prompts=1)
+    joined = RolloutBatch.concat([a, b])
+    assert joined.num_prompts == 3 and len(joined.latents) == 6
+    assert np.array_equal(joined.pooled[:, 0], [0, 1, 0])
+    joined.check("the driver")
+
+
+@pytest.mark.parametrize(
+    "change, field, words",
+    [
+        (dict(latents=np.zeros((5, 2, 4, 4), np.float32)), "latents", "5 rows"),
+        (dict(images=np.zeros((6, 8, 8, 3), np.float32)), "images", "dtype float32"),
+        (dict(pooled=np.zeros((2, 5), np.float32)), "pooled", "2 rows"),
+        (dict(sigmas=np.array([1.0, 0.5, 0.6, 0.0])), "sigmas", "decreasing"),
+        (dict(latents=np.full((6, 2, 4, 4), np.nan, np.float32)), "latents", "non-finite"),
+        (dict(logp=np.zeros((6, 4), np.float32)), "trajectory", "together"),
+        (dict(policy_version=-1), "policy_version", ">= 0"),
+    ],
+)
+def test_a_malformed_rollout_batch_names_field_and_sender(change, field, words):
+    bad = replace(batch(), **change)
+    with pytest.raises(MessageError, match=words) as e:
+        bad.check("rollout worker 1 (step 7)")
+    assert e.value.field == field and "rollout worker 1 (step 7)" in str(e.value)
+
+
+def test_a_batch_for_other_prompts_or_a_window_past_the_grid_is_refused():
+    with pytest.raises(MessageError, match="asked for 4"):
+        batch(3).check("w", num_prompts=4)
+    windowed = replace(batch(sde=True), trajectory=np.zeros((6, 3, 2, 4, 4), np.float32))
+    windowed = replace(windowed, logp=np.zeros((6, 2), np.float32), window_start=3)
+    with pytest.raises(MessageError, match="window_start"):
+        windowed.check("w")
+    replace(windowed, window_start=2).check("w")
+
+
+def test_train_shards_hold_whole_groups_with_their_rows():
+    full = batch(3, 2, sde=True)
+    adv = np.arange(6, dtype=np.float32)
+    shards = TrainShard.split(full, adv, 2, policy_version=1)
+    assert [len(s) for s in shards] == [4, 2]
+    for s, (lo, hi) in zip(shards, split_evenly(3, 2), strict=True):
+        s.check("the driver")
+        assert np.array_equal(s.group_ids, np.repeat(np.arange(lo, hi), 2))
+        assert np.array_equal(s.advantages, adv[lo * 2 : hi * 2])
+        assert np.array_equal(s.pooled[:, 0], np.repeat(np.arange(lo, hi), 2))  # text features follow
+        assert s.trajectory is not None and np.array_equal(s.latents, full.latents[lo * 2 : hi * 2])
+        assert s.policy_version == 1
+    torn = replace(shards[0], group_ids=np.array([0, 0, 0, 1]))
+    with pytest.raises(MessageError, match="whole groups"):
+        torn.check("the driver (step 3, learner rank 0)")
+    with pytest.raises(MessageError, match="advantages holds non-finite"):
+        replace(shards[1], advantages=np.array([np.inf, 0.0], np.float32)).check("d")
+
+
+def test_reward_scores_and_weight_messages():
+    ok = RewardScores({"shapes": np.ones(4)}, np.ones(4), {}, {}, 0.1, 0)
+    ok.check("the reward servers", 4)
+    with pytest.raises(MessageError, match="3 rows"):
+        replace(ok, total=np.ones(3)).check("the reward servers", 4)
+    WeightUpdate(3, {"w": torch.zeros(2)}).check("the driver")
+    with pytest.raises(MessageError, match="version"):
+        WeightUpdate(-1, {"w": torch.zeros(2)}).check("the driver")
+    with pytest.raises(MessageError, match="empty"):
+        WeightUpdate(1, {}).check("the driver")
+    m = WeightManifest(version=2, sizes=[32], entries=[dict(name="w", shape=[2], dtype="float32", bucket=0, offset=0, nbytes=8)])  # fmt: skip
+    assert WeightManifest.model_validate_json(m.model_dump_json()) == m
+    with pytest.raises(ValueError, match="version"):
+        WeightManifest.model_validate_json('{"version": -1, "sizes": [], "entries": []}')
