@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from vgrpo.driver import ActorLost, Roles, Trainer, TrainingError, death_reason
+from vgrpo.driver import Trainer
 from vgrpo.proto.config import load_config
+from vgrpo.roles import ActorLost, Roles, TrainingError, death_reason
 
 
 def bare_roles(timeout_s: float) -> Roles:
@@ -119,7 +120,7 @@ class StandIn:
 
 @pytest.fixture
 def trainer(tmp_path: Path) -> Trainer:
-    from vgrpo.driver import RunDir
+    from vgrpo.run_dir import RunDir
 
     return Trainer(load_config(None, ["train.max_staleness=1"]), RunDir(tmp_path / "run"))
 

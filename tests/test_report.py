@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vgrpo.driver import RunDir, image_grid
 from vgrpo.proto.config import load_config
 from vgrpo.report import read_metrics, write_report
+from vgrpo.run_dir import RunDir, image_grid
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a ring left of a cross"]
 G = 4

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from vgrpo.driver import TrainingError, check_staleness, derive_seeds, split_evenly
+from vgrpo.driver import check_staleness, derive_seeds
 from vgrpo.proto.config import load_config
-from vgrpo.proto.messages import WeightUpdate
+from vgrpo.proto.messages import WeightUpdate, split_evenly
+from vgrpo.roles import TrainingError
 
 FAST = [
     "train.steps=2",

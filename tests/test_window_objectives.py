@@ -259,7 +259,8 @@ class FakeWorker:
 def test_the_window_is_decided_once_per_step_and_reaches_every_learner_shard(tmp_path):
     """launch draws the step's window once and gives it to every worker; a dead worker's redone share
     samples with the same window; the batch and every learner shard carry its start."""
-    from vgrpo.driver import RunDir, Trainer
+    from vgrpo.driver import Trainer
+    from vgrpo.run_dir import RunDir
 
     sets = ["algorithm.name=flow_grpo_fast", "rollout.prompts_per_step=3", "rollout.group_size=2"]
     cfg = load_config(None, [*sets, "train.seed=5"])

@@ -369,7 +369,9 @@ def train_cmd(
     except ModelPathError as e:
         fail(str(e))
 
-    from vgrpo.driver import TrainingError, install_stop_handlers, train
+    from vgrpo.driver import train
+    from vgrpo.launch import install_stop_handlers
+    from vgrpo.roles import TrainingError
 
     install_stop_handlers()
 

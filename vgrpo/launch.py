@@ -1,0 +1,88 @@
+"""Starting and stopping: joining or starting Ray, and the stop signals (Ctrl-C / SIGTERM: finish the
+step, checkpoint, exit 130)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vgrpo.proto.config import RunConfig
+
+log = logging.getLogger("vgrpo")
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM inside the loop ask for a stop at the next step boundary (so the checkpoint is
+    consistent: learner, rollout weights and data position of one step); a second signal, or one outside
+    the loop, interrupts at once."""
+
+    in_loop = False
+    requested = False
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    if StopRequest.in_loop and not StopRequest.requested:
+        StopRequest.requested = True
+        print(
+            "stop requested: finishing this step, then checkpoint and exit (signal again to abort now)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    raise KeyboardInterrupt
+
+
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM stop the loop through KeyboardInterrupt (checkpoint, then exit 130). Called
+    after ray.init, which installs its own SIGTERM handler that exits at once without cleaning up."""
+    import signal
+
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def enable_token_auth_if_available() -> bool:
+    """Ray 2.60: once a token exists (``~/.ray/auth_token``, written by any local ``ray.init``), ``ray start
+    --head`` turns token authentication on, and a client without ``RAY_AUTH_MODE=token`` cannot join (it
+    times out with a ConnectionError). A client in token mode joins clusters with auth on or off (measured),
+    so set it when a token is at hand and the user has not chosen a mode."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return False
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
+
+
+def start_ray(cfg: RunConfig, address: str | None) -> bool:
+    """Join ``address`` (or RAY_ADDRESS) if given, else start an embedded local Ray. Returns whether this
+    process started the cluster (and so must stop it)."""
+    import ray
+
+    if ray.is_initialized():  # e.g. a test session's cluster: use it, leave it running
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {
+        "env_vars": {
+            "TORCH_EXTENSIONS_DIR": os.environ.get(
+                "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vgrpo-torch-extensions")
+            )
+        }
+    }
+    if address:  # RAY_AUTH_MODE was settled before `import ray` (train)
+        ray.init(address=address, runtime_env=env, log_to_driver=cfg.observability.log_level == "DEBUG")
+        return False
+    ray.init(
+        num_cpus=cfg.resources.num_cpus,
+        num_gpus=cfg.resources.num_gpus,
+        include_dashboard=False,
+        runtime_env=env,
+        log_to_driver=cfg.observability.log_level == "DEBUG",
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    return True

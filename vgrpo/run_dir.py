@@ -1,0 +1,182 @@
+"""The run directory (docs/training.md "The run directory"): config.yaml, metrics.jsonl, checkpoints/,
+samples/, tb/, report.html (`RunDir`), and writing / restoring checkpoints and sample grids
+(`Checkpointing`, a mixin of ``Trainer``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vgrpo.proto.config import RunConfig, dump_config
+from vgrpo.proto.messages import WeightUpdate
+from vgrpo.roles import Roles
+
+log = logging.getLogger("vgrpo")
+
+
+class RunDir:
+    """The run directory of DESIGN.md: config.yaml, metrics.jsonl, checkpoints/, samples/, tb/, report.html."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.checkpoints = root / "checkpoints"
+        self.samples = root / "samples"
+        root.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        self.samples.mkdir(exist_ok=True)
+        self.metrics_path = root / "metrics.jsonl"
+
+    def write_config(self, cfg: RunConfig) -> None:
+        tmp = self.root / "config.yaml.tmp"
+        tmp.write_text(dump_config(cfg))
+        os.replace(tmp, self.root / "config.yaml")
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Keep metric lines of steps <= last_step only (a resumed run continues with no duplicate)."""
+        if not self.metrics_path.exists():
+            return
+        keep = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step
+        ]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    def checkpoint_dirs(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first (a complete one has driver_state.json; partial ones are
+        written under a .tmp name and never match)."""
+        out = []
+        for p in self.checkpoints.iterdir():
+            if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
+                if (p / "driver_state.json").is_file():
+                    out.append((int(p.name[5:]), p))
+                else:
+                    log.warning("skipping incomplete checkpoint %s", p)
+        return sorted(out)
+
+
+def image_grid(images_bhwc: np.ndarray, columns: int) -> np.ndarray:
+    b, h, w, c = images_bhwc.shape
+    rows = math.ceil(b / columns)
+    grid = np.full((rows * h, columns * w, c), 255, dtype=np.uint8)
+    for k in range(b):
+        r, col = divmod(k, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = images_bhwc[k]
+    return grid
+
+
+class Checkpointing:
+    cfg: RunConfig
+    run: RunDir
+    version: int
+    step: int
+    source: Any
+    tb: Any
+    _last_batch: Any
+
+    on_workers: Callable[[Roles, dict[int, Any], str, int], dict[int, Any]]  # RoleCalls
+    on_learners: Callable[[Roles, list[Any], str, int], list[Any]]  # RoleCalls
+    _publish: Callable[[int, Any], Any]  # Publishing
+    current_weights: Callable[[Roles, int], Any]  # Publishing
+    ema_weights: Callable[[Roles, int], Any]  # Publishing
+
+    def save_samples(self, step: int) -> None:
+        from PIL import Image
+
+        images, prompts, rewards = self._last_batch
+        g = self.cfg.rollout.group_size
+        folder = self.run.samples / f"step_{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image_grid(images, columns=g)).save(folder / "grid.png")
+        rows = [
+            {"prompt": prompts[i * g], "rewards": [round(float(x), 4) for x in rewards[i * g : (i + 1) * g]]}
+            for i in range(len(prompts) // g)
+        ]
+        (folder / "samples.json").write_text(json.dumps(rows, indent=1))
+        if self.tb is not None:
+            self.tb.add_image("samples", image_grid(images, columns=g), step, dataformats="HWC")
+
+    def checkpoint(self, roles: Roles, step: int) -> Path:
+        """checkpoints/step_N/: learner shards (DeepSpeed), policy.safetensors, driver_state.json. Written
+        under a .tmp name and renamed when complete."""
+        from vgrpo.learner.engine import save_policy_weights
+
+        final = self.run.checkpoints / f"step_{step}"
+        tmp = self.run.checkpoints / f".step_{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lora = self.cfg.model.lora is not None
+        self.on_learners(
+            roles,
+            [lrn.save_checkpoint.remote(str(tmp / "learner")) for lrn in roles.learners],
+            "checkpoint",
+            step,
+        )
+        save_policy_weights(self.current_weights(roles, step), tmp / "policy.safetensors", step, lora)
+        if self.cfg.train.ema is not None:  # what `vgrpo eval` and `vgrpo export` use for this step
+            ema = self.ema_weights(roles, step)
+            save_policy_weights(ema, tmp / "ema.safetensors", step, lora)
+        state = {
+            "step": step,
+            "version": step,
+            "data": self.source.state(),
+            "python_random": repr(random.getstate()),
+            "time": time.time(),
+        }
+        (tmp / "driver_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old_step, path in self.run.checkpoint_dirs()[: -self.cfg.train.keep_checkpoints]:
+            if old_step != step:
+                shutil.rmtree(path, ignore_errors=True)
+        return final
+
+    def restore(self, roles: Roles) -> int:
+        ckpts = self.run.checkpoint_dirs()
+        if not ckpts:
+            self.run.truncate_metrics(0)
+            return 0
+        step, path = ckpts[-1]
+        state = json.loads((path / "driver_state.json").read_text())
+        self.on_learners(
+            roles,
+            [lrn.load_checkpoint.remote(str(path / "learner")) for lrn in roles.learners],
+            "resume",
+            step,
+        )
+        self.source.load_state(state["data"])
+        import ray
+        from safetensors.torch import load_file
+
+        self.version = step
+        if roles.objective.rollout_policy(step) == "current":
+            state = load_file(str(path / "policy.safetensors"))
+        else:  # the rollout samples with the objective's old copy, restored by the learners just now
+            state = self.on_learners(
+                roles, [lrn.sampling_weights.remote() for lrn in roles.learners], "resume", step
+            )[0]
+        weights = self._publish(step, ray.put(WeightUpdate(step, state)))
+        self.on_workers(
+            roles,
+            {i: (lambda w: w.update_weights.remote(weights)) for i in range(len(roles.workers))},
+            "resume",
+            step,
+        )
+        self.run.truncate_metrics(step)
+        return step
