@@ -19,13 +19,46 @@ from vgrpo.reward_servers.base import Reward, ScoredItem
 
 RewardFactory = Callable[[dict[str, Any]], Reward]
 
-# built-in rewards: name -> "module:factory", imported on first use
-_BUILTIN: dict[str, str] = {
-    "shapes": "vgrpo.reward_servers.shapes:ShapesReward",
-    "geneval": "vgrpo.reward_servers.geneval:GenEvalReward",
-    "pickscore": "vgrpo.reward_servers.pickscore:PickScoreReward",
-    "ocr": "vgrpo.reward_servers.ocr:OcrReward",
-    "remote": "vgrpo.reward_servers.remote:RemoteReward",
+# built-in rewards: name -> a loader of its class, which imports the reward's module on first use (plain
+# imports: a role never reaches project code through importlib)
+
+
+def _shapes() -> Any:
+    from vgrpo.reward_servers.shapes import ShapesReward
+
+    return ShapesReward
+
+
+def _geneval() -> Any:
+    from vgrpo.reward_servers.geneval import GenEvalReward
+
+    return GenEvalReward
+
+
+def _pickscore() -> Any:
+    from vgrpo.reward_servers.pickscore import PickScoreReward
+
+    return PickScoreReward
+
+
+def _ocr() -> Any:
+    from vgrpo.reward_servers.ocr import OcrReward
+
+    return OcrReward
+
+
+def _remote() -> Any:
+    from vgrpo.reward_servers.remote import RemoteReward
+
+    return RemoteReward
+
+
+_BUILTIN: dict[str, Callable[[], Any]] = {
+    "shapes": _shapes,
+    "geneval": _geneval,
+    "pickscore": _pickscore,
+    "ocr": _ocr,
+    "remote": _remote,
 }
 _REGISTERED: dict[str, RewardFactory] = {}
 ENTRY_POINT_GROUP = "vgrpo.rewards"
@@ -110,6 +143,7 @@ def register_reward(name: str, factory: RewardFactory, replace: bool = False) ->
 
 
 def _import(path: str) -> Any:
+    """A user's ``package.module:attr`` (a plug-in path or an entry point's value)."""
     module, _, attr = path.partition(":")
     obj: Any = importlib.import_module(module)
     for part in attr.split("."):
@@ -133,7 +167,7 @@ def get_reward(name: str, options: dict[str, Any] | None = None) -> Reward:
     if name in _REGISTERED:
         reward = _REGISTERED[name](opts)
     elif name in _BUILTIN:
-        reward = _import(_BUILTIN[name])(**opts)
+        reward = _BUILTIN[name]()(**opts)
     elif name in (plugins := _entry_points()):
         try:
             target = _import(plugins[name])
