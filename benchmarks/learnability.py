@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         adv, stats = learner.objective.advantages(torch.as_tensor(total), torch.as_tensor(group_b))
         (shard,) = TrainShard.split(batch, adv.numpy(), 1, rollout.version)
         metrics = learner.train_step(shard, step)
-        rollout.update_weights(WeightUpdate(step, learner.publish(1)))
+        rollout.update_weights(WeightUpdate(step, learner.publish()))
         train_s += time.perf_counter() - t0
         history.append(
             {"step": step, "reward": float(total.mean()), "zero_std_frac": stats["zero_std_frac"], **metrics}

@@ -48,13 +48,13 @@ class LearnerShell(LearnerEngine, WeightSyncMember):
         metrics.learner_stepped(self.worker, out, n_samples, time.perf_counter() - t0, self.version)
         return out
 
-    def publish(self, keep_history: int, ship: bool = True) -> dict[str, torch.Tensor]:
+    def publish(self, ship: bool = True) -> dict[str, torch.Tensor]:
         """The published state of the current version (a collective under ZeRO-3: every rank calls).
         ``ship=False``: the rank keeps it (history, EMA) and returns an empty dict, so the driver does not
         receive a copy it has no use for (ranks > 0, or rank 0 when the weights go by broadcast)."""
         t0 = time.perf_counter()
         try:
-            state = super().publish(keep_history)
+            state = super().publish()
         except Exception:
             metrics.error("learner", self.worker, "publish")
             raise
@@ -63,7 +63,7 @@ class LearnerShell(LearnerEngine, WeightSyncMember):
         return state if ship else {}
 
     def published_weights(self, version: int) -> WeightUpdate:
-        """A published version still in the history (the last ``keep_history``): what a replacement
+        """A published version still in the history (the last ``kept_versions``): what a replacement
         rollout worker is loaded with, or the object-store fallback of a failed broadcast."""
         if version not in self.history:
             raise KeyError(
@@ -71,13 +71,13 @@ class LearnerShell(LearnerEngine, WeightSyncMember):
             )
         return WeightUpdate(version, self.history[version])
 
-    def broadcast_weights(self, keep_history: int, bucket_mb: float | None) -> dict[str, Any]:
+    def broadcast_weights(self, bucket_mb: float | None) -> dict[str, Any]:
         """Publish the current version (as :meth:`publish`: every learner rank calls publish or this at
         once, a collective under ZeRO-3) and broadcast it to the rollout workers (a collective with their
         receive_weights; ``bucket_mb``: None = one shot, for LoRA). Returns the version, bytes and times
         only: the weights stay here (history) for a replacement worker or a fallback."""
         t0 = time.perf_counter()
-        state = self.publish(keep_history, ship=True)
+        state = self.publish(ship=True)
         t1 = time.perf_counter()
         if self.weight_sync is None:
             raise RuntimeError("broadcast_weights: no weight-sync group on this rank (join_weight_sync)")

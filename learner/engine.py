@@ -157,8 +157,13 @@ class LearnerEngine:
     # ------------------------------------------------------------------------------------ setup
 
     def init_distributed(
-        self, master_addr: str, master_port: int, keep_history: int = 0, ema: float | None = None
+        self, master_addr: str, master_port: int, max_staleness: int = 0, ema: float | None = None
     ) -> dict[str, Any]:
+        """Join the DeepSpeed group (every rank at once). ``max_staleness`` (train.max_staleness) sizes the
+        publish history: the current version and the ``max_staleness + 1`` before it stay available
+        (``TrainConfig.kept_versions``), for a stale batch's behaviour policy and for a replacement rollout
+        worker or the object-store catch-up."""
+        self.kept_versions = max_staleness + 1
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
@@ -221,7 +226,7 @@ class LearnerEngine:
             uncond = self._uncond_embeddings()
         guidance = self.rollout_cfg.guidance_scale if guided else 1.0
         self.policy = SD3LearnerPolicy(self.module, guidance, uncond, self.old_module, self.ref_module)
-        if keep_history > 0:  # a stale batch of the first steps was sampled by version 0
+        if max_staleness > 0:  # a stale batch of the first steps was sampled by version 0
             self.history[0] = self.get_weights()
         if ema is not None:
             self.ema_decay, self.ema, self.ema_updates = float(ema), self.get_weights(), 0
@@ -343,18 +348,17 @@ class LearnerEngine:
         out.update({f"learner/{k}": v for k, v in diags.items()})
         return out
 
-    def publish(self, keep_history: int) -> dict[str, torch.Tensor]:
+    def publish(self) -> dict[str, torch.Tensor]:
         """The weights the rollout workers sample the current version with (every rank calls; rank 0's are
         broadcast): the trainable ones, or the objective's old copy where it samples with that
-        (``Objective.rollout_policy``: DiffusionNFT; DGPO after switch_ema_ref). The last ``keep_history``
-        versions are kept for stale batches and for the behaviour policy; train.ema averages the trainable
-        weights either way."""
+        (``Objective.rollout_policy``: DiffusionNFT; DGPO after switch_ema_ref). The history keeps the last
+        ``kept_versions`` versions before it (see :meth:`init_distributed`); train.ema averages the
+        trainable weights either way."""
         current = self.get_weights()
         state = self.sampling_weights(current)
-        if keep_history > 0:
-            self.history[self.version] = state
-            for v in [v for v in self.history if v < self.version - keep_history]:
-                del self.history[v]
+        self.history[self.version] = state
+        for v in [v for v in self.history if v < self.version - self.kept_versions]:
+            del self.history[v]
         if self.ema_decay is not None:
             self._update_ema(current)
         return state

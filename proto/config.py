@@ -10,6 +10,7 @@ This module imports neither torch nor Ray: a bad configuration must fail in well
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +28,8 @@ from pydantic import (
 
 ALGORITHMS = ("vgrpo", "dgpo", "flow_grpo", "nft", "flow_grpo_fast", "mixgrpo")
 # objectives that roll out with the windowed SDE sampler (rollout.sampler = sde_window)
+log = logging.getLogger("vgrpo")
+
 WINDOW_ALGORITHMS = ("flow_grpo_fast", "mixgrpo")
 # objectives whose upstream samples on diffusers' FlowMatchEulerDiscreteScheduler grid (RunConfig.sigma_grid)
 DIFFUSERS_GRID_ALGORITHMS = ("flow_grpo", "flow_grpo_fast", "nft")
@@ -233,7 +236,9 @@ class VGRPOConfig(Section):
     """V-GRPO, docs/algorithms.md §4."""
 
     n_mc: int = Field(4, ge=1, description="(t, eps) pairs per image, shared by the prompt's group")
-    clip_eps: float = Field(0.01, ge=0, description="ratio clip epsilon")
+    clip_range: float = Field(
+        0.01, ge=0, description="PPO ratio clip: rho in [1 - clip_range, 1 + clip_range]"
+    )
     kl_beta: float = Field(0.0, ge=0, description="KL-to-old weight (active when the ratio != 1)")
     ref_kl_beta: float = Field(
         0.5,
@@ -259,7 +264,9 @@ class DGPOConfig(Section):
 
     beta_dpo: float = Field(100.0, gt=0)
     kl_beta: float = Field(0.02, ge=0)
-    clip: float = Field(1e-2, ge=0, description="PPO-style sample drop threshold c")
+    clip_range: float = Field(
+        1e-2, ge=0, description="PPO-style ratio clip: a sample whose ratio leaves 1 +- clip_range drops"
+    )
     num_timesteps: int = Field(4, ge=1, description="M grid times per epoch")
     trunc_steps: int = Field(4, ge=0, description="train on grid indices 0..trunc_steps (high noise)")
     ema_decay_max: float = Field(0.3, ge=0, lt=1, description="old copy: EMA decay min(max, 0.001 step)")
@@ -451,6 +458,13 @@ class TrainConfig(Section):
     steps: int = Field(160, ge=1, description="training steps (each publishes a new policy version)")
     seed: int = 0
     max_staleness: int = Field(0, ge=0, description="0 = synchronous; k = rollouts may lag k versions")
+
+    def kept_versions(self) -> int:
+        """How many versions before the current one the learner's publish history and the driver's
+        published weights keep: a batch lags at most max_staleness versions, plus the one a replacement or
+        a catch-up of the object-store path may still ask for."""
+        return self.max_staleness + 1
+
     checkpoint_every: int = Field(20, ge=1, description="steps; the last step is always checkpointed")
     eval_every: int = Field(0, ge=0, description="steps between held-out evaluations (0: never)")
     samples_every: int = Field(20, ge=1, description="steps between sample grids")
@@ -657,7 +671,32 @@ def _default_at(loc: tuple[Any, ...]) -> Any:
         return None
 
 
+# keys that were renamed: the old name still loads, with a message naming the new one
+RENAMED_KEYS = {
+    "algorithm.vgrpo.clip_eps": "algorithm.vgrpo.clip_range",
+    "algorithm.dgpo.clip": "algorithm.dgpo.clip_range",
+}
+
+
+def _rename_keys(data: dict[str, Any]) -> None:
+    for old, new in RENAMED_KEYS.items():
+        *path, key = old.split(".")
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key not in node:
+            continue
+        new_key = new.rsplit(".", 1)[1]
+        if new_key in node:
+            raise ConfigError([f"{old} and {new} are one key ({old} is its old name); give only {new}"])
+        node[new_key] = node.pop(key)
+        log.warning(
+            "config: %s is now called %s; the old name still loads, the new one is preferred", old, new
+        )
+
+
 def validate(data: dict[str, Any]) -> RunConfig:
+    _rename_keys(data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

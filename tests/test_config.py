@@ -127,3 +127,15 @@ def test_yaml_words_stay_words(tmp_path):
     path.write_text("observability:\n  progress: off\n")
     assert load_config(path).observability.progress == "off"
     assert load_config(None, ["observability.tensorboard=false"]).observability.tensorboard is False
+
+
+def test_a_renamed_key_still_loads_and_names_its_new_name(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="vgrpo"):
+        cfg = load_config(None, ["algorithm.vgrpo.clip_eps=0.02", "algorithm.dgpo.clip=0.03"])
+    assert cfg.algorithm.vgrpo.clip_range == 0.02 and cfg.algorithm.dgpo.clip_range == 0.03
+    assert "algorithm.vgrpo.clip_eps is now called algorithm.vgrpo.clip_range" in caplog.text
+    assert "algorithm.dgpo.clip is now called algorithm.dgpo.clip_range" in caplog.text
+    with pytest.raises(ConfigError, match=r"give only algorithm\.vgrpo\.clip_range"):
+        load_config(None, ["algorithm.vgrpo.clip_eps=0.02", "algorithm.vgrpo.clip_range=0.03"])

@@ -200,7 +200,7 @@ def test_vgrpo_off_policy_with_clip_and_both_kls_matches_equations():
     reference both on, advantages from rewards through the soft clip eta = 3 (tanh(A) would fail)."""
     n_groups, group_size, n_mc, shift = 3, 4, 3, 3.0
     n = n_groups * group_size
-    cfg = VGRPOConfig(n_mc=n_mc, clip_eps=0.01, kl_beta=0.3, ref_kl_beta=0.2)
+    cfg = VGRPOConfig(n_mc=n_mc, clip_range=0.01, kl_beta=0.3, ref_kl_beta=0.2)
     assert cfg.advantage.soft_clip == 3.0 and cfg.advantage.norm == "group"
     obj = VGRPO(cfg)
     groups = torch.arange(n_groups).repeat_interleave(group_size)
@@ -256,17 +256,17 @@ def test_vgrpo_off_policy_with_clip_and_both_kls_matches_equations():
         kl_ref = kl_ref + dmean((x0_cur - x0_ref) ** 2) / n_mc
     rho = torch.exp(score - score_old)
     a = adv_ref
-    j = torch.minimum(rho * a, rho.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * a)
+    j = torch.minimum(rho * a, rho.clamp(1 - cfg.clip_range, 1 + cfg.clip_range) * a)
     loss_ref = -j.mean() + cfg.kl_beta * kl.mean() + cfg.ref_kl_beta * kl_ref.mean()
     scale = float((j.abs().mean() + cfg.kl_beta * kl.mean() + cfg.ref_kl_beta * kl_ref.mean()).detach())
 
     # the test exercises both branches of the clip and a ratio far from 1
-    clipped = ((a > 0) & (rho > 1 + cfg.clip_eps)) | ((a < 0) & (rho < 1 - cfg.clip_eps))
+    clipped = ((a > 0) & (rho > 1 + cfg.clip_range)) | ((a < 0) & (rho < 1 - cfg.clip_range))
     assert 0 < int(clipped.sum()) < n, rho
-    assert bool(((a > 0) & (rho > 1 + cfg.clip_eps)).any()) and bool(
-        ((a < 0) & (rho < 1 - cfg.clip_eps)).any()
+    assert bool(((a > 0) & (rho > 1 + cfg.clip_range)).any()) and bool(
+        ((a < 0) & (rho < 1 - cfg.clip_range)).any()
     )
-    assert float((rho - 1).abs().max().detach()) > 2 * cfg.clip_eps
+    assert float((rho - 1).abs().max().detach()) > 2 * cfg.clip_range
     assert (
         float(cfg.kl_beta * kl.mean().detach()) > 1e-4
         and float(cfg.ref_kl_beta * kl_ref.mean().detach()) > 1e-3
@@ -283,7 +283,7 @@ def test_dgpo_off_policy_with_drops_and_group_weights_matches_equations():
     changes the value, swapped drop conditions the gradient."""
     n_groups, group_size, n_steps = 3, 4, 10
     n = n_groups * group_size
-    cfg = DGPOConfig(beta_dpo=100.0, kl_beta=0.05, clip=0.01, num_timesteps=3, trunc_steps=4)
+    cfg = DGPOConfig(beta_dpo=100.0, kl_beta=0.05, clip_range=0.01, num_timesteps=3, trunc_steps=4)
     obj = DGPO(cfg)
     groups = torch.arange(n_groups).repeat_interleave(group_size)
     gen = torch.Generator().manual_seed(5)
@@ -327,8 +327,8 @@ def test_dgpo_off_policy_with_drops_and_group_weights_matches_equations():
             ell_ref = dmean((target - v_ref) ** 2)
             ell_old = dmean((target - old(xk, tk, groups)) ** 2)
         rho = torch.exp(ell_old - ell.detach())
-        drop_pos = (a > 0) & (rho > 1 + cfg.clip)
-        drop_neg = (a <= 0) & (rho < 1 - cfg.clip)
+        drop_pos = (a > 0) & (rho > 1 + cfg.clip_range)
+        drop_neg = (a <= 0) & (rho < 1 - cfg.clip_range)
         dropped_pos += int(drop_pos.sum())
         dropped_neg += int(drop_neg.sum())
         ell_used = torch.where(drop_pos | drop_neg, ell.detach(), ell)

@@ -39,7 +39,7 @@ def _engine(port: int, *sets: str) -> Any:
     eng = LearnerEngine(
         cfg.model, cfg.learner, cfg.algorithm, cfg.rollout, 0, 1, total_steps=8, seed=0, device="cpu"
     )
-    eng.init_distributed("127.0.0.1", port, keep_history=1, ema=cfg.train.ema)
+    eng.init_distributed("127.0.0.1", port, max_staleness=1, ema=cfg.train.ema)
     return eng
 
 
@@ -64,7 +64,7 @@ def _shard(eng: Any, step: int) -> TrainShard:
 
 def _step(eng: Any, step: int) -> dict[str, torch.Tensor]:
     eng.train_step(_shard(eng, step), step)
-    return eng.publish(1)
+    return eng.publish()
 
 
 @pytest.mark.slow  # two DeepSpeed engines on gloo, ~2 min on 2 shared cores

@@ -133,7 +133,7 @@ def test_vgrpo_clip_zeroes_gradient_outside_trust_region(world, policy):
     A > 0 with rho > 1 + eps, or A < 0 with rho < 1 - eps; elsewhere the gradient is non-zero."""
     sigmas = sd3_sigmas(10, 1.0)
     eps_clip = 2e-3
-    obj = VGRPO(VGRPOConfig(clip_eps=eps_clip, n_mc=2, ref_kl_beta=0.0))
+    obj = VGRPO(VGRPOConfig(clip_range=eps_clip, n_mc=2, ref_kl_beta=0.0))
     batch = make_batch(world, policy, obj, sigmas, groups=3, group_size=4)
     policy.sync_old()
     with torch.no_grad():

@@ -593,12 +593,12 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    lrn.init_distributed("127.0.0.1", port, keep_history=2 if stale else 0)
+    lrn.init_distributed("127.0.0.1", port, max_staleness=1 if stale else 0)
     rng = np.random.default_rng(0)
     (shard,) = TrainShard.split(out, rng.standard_normal(n).astype(np.float32), 1, 0)
     lrn.train_step(shard, 1)  # warm-up (on-policy); publishes version 1
     t1 = time.perf_counter()
-    state = lrn.publish(keep_history=2)
+    state = lrn.publish()
     eng.update_weights(WeightUpdate(1, state))
     sync_s = time.perf_counter() - t1
     shard.policy_version = 0 if stale else 1  # stale: the old-policy forwards of a lagging batch run

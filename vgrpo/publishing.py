@@ -32,7 +32,7 @@ class Publishing:
         """Keep ``weights`` (an ObjectRef) as version ``version``; drop versions no pending rollout can
         still need (max_staleness + 1 back)."""
         self.published[version] = weights
-        for v in [v for v in self.published if v < version - self.cfg.train.max_staleness - 1]:
+        for v in [v for v in self.published if v < version - self.cfg.train.kept_versions()]:
             del self.published[v]
         return weights
 
@@ -54,9 +54,8 @@ class Publishing:
         import ray
 
         cfg = self.cfg
-        keep = max(1, cfg.train.max_staleness + 1)
         states = self.on_learners(
-            roles, [lrn.publish.remote(keep, k == 0) for k, lrn in enumerate(roles.learners)], "publish", step
+            roles, [lrn.publish.remote(k == 0) for k, lrn in enumerate(roles.learners)], "publish", step
         )
         weights_ref = self._publish(step, ray.put(WeightUpdate(step, states[0])))
         updates = {i: (lambda w: w.update_weights.remote(weights_ref)) for i in range(len(roles.workers))}
@@ -82,10 +81,9 @@ class Publishing:
         That is a wait, not a deadlock: the batch needs nothing the learner holds. The batch keeps the
         version it started with (receive_weights takes the sampling lock), so the staleness guard holds."""
         cfg = self.cfg
-        keep = max(1, cfg.train.max_staleness + 1)
         bucket_mb = None if cfg.model.lora is not None else cfg.train.weight_sync_bucket_mb
-        learner_refs = [roles.learners[0].broadcast_weights.remote(keep, bucket_mb)]
-        learner_refs += [lrn.publish.remote(keep, False) for lrn in roles.learners[1:]]
+        learner_refs = [roles.learners[0].broadcast_weights.remote(bucket_mb)]
+        learner_refs += [lrn.publish.remote(False) for lrn in roles.learners[1:]]
         worker_refs = [w.receive_weights.remote() for w in roles.workers]
         self._publish(step, KEPT_BY_LEARNER)
         self.version = step

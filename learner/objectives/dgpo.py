@@ -78,7 +78,9 @@ class DGPO(Objective):
                         (target - policy.velocity(x_t, t_b, batch.cond, "old").float()).double() ** 2
                     )
                 ratio_b = torch.exp(loss_old_b - loss_b.detach())
-                drop_b = ((adv_b > 0) & (ratio_b > 1 + cfg.clip)) | ((adv_b <= 0) & (ratio_b < 1 - cfg.clip))
+                drop_b = ((adv_b > 0) & (ratio_b > 1 + cfg.clip_range)) | (
+                    (adv_b <= 0) & (ratio_b < 1 - cfg.clip_range)
+                )
                 s_g = torch.zeros(len(groups), dtype=torch.float64, device=dev).index_add_(
                     0, group_b, adv_b * (loss_b.detach() - loss_ref_b)
                 )

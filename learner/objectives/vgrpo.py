@@ -90,7 +90,7 @@ class VGRPO(Objective):
 
         adv_b = batch.advantages_b.double()
         ratio_b = torch.exp(score_b - score_old_b)
-        clipped_b = ratio_b.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
+        clipped_b = ratio_b.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
         objective_b = torch.minimum(ratio_b * adv_b, clipped_b * adv_b)
         loss = -objective_b.mean() + cfg.kl_beta * kl_b.mean() + cfg.ref_kl_beta * kl_ref_b.mean()
         with torch.no_grad():
@@ -101,7 +101,7 @@ class VGRPO(Objective):
                 "kl_ref": kl_ref_b.mean().item(),
                 "ratio_mean": ratio_b.mean().item(),
                 "ratio_max_dev": ratio_dev_b.max().item(),
-                "clip_frac": (ratio_dev_b > cfg.clip_eps).double().mean().item(),
+                "clip_frac": (ratio_dev_b > cfg.clip_range).double().mean().item(),
                 "elbo_score": score_b.mean().item(),
             }
         return loss.float(), diag
