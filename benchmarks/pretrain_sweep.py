@@ -1,6 +1,6 @@
 """Pretraining-recipe sweep: which tiny-model recipe leaves headroom that RL actually takes?
 
-For each variant of `vgrpo.tiny_sd3.PretrainConfig` (stage 2 only: the shipped model's VAE is reused),
+For each variant of `vgrpo.pretrain_tiny.PretrainConfig` (stage 2 only: the shipped model's VAE is reused),
 pretrain the transformer and text encoders, then run the learnability probe (benchmarks/learnability.py:
 the held-out GenEval-Shapes score before and during a short V-GRPO run with the embedded default's
 settings). Variants run as parallel processes (`--device cuda` for a GPU machine). Measured: the tiny model
@@ -51,7 +51,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from vgrpo.tiny_sd3 import PretrainConfig, pretrain
+    from vgrpo.pretrain_tiny import PretrainConfig, pretrain
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import learnability

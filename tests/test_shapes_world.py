@@ -63,7 +63,7 @@ def test_true_prompts_pass_and_single_violations_fail(family: str) -> None:
 @pytest.mark.parametrize("layout", ["random", "slots"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_near_misses_fail_their_caption_by_one_clause_of_each_kind(family: str, layout: str) -> None:
-    """Pretraining's caption noise (tiny_sd3.make_pairs): a scene drawn for a near miss of a caption is
+    """Pretraining's caption noise (pretrain_tiny.make_pairs): a scene drawn for a near miss of a caption is
     judged a failure of that caption, and every kind of near miss of the family occurs."""
     rng = np.random.default_rng(10 + FAMILIES.index(family))
     kinds = set()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vgrpo.core import policy
-from vgrpo.tiny_sd3 import GRAMMAR_WORDS, build_tokenizer
+from vgrpo.tiny_models import GRAMMAR_WORDS, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_the_vae_alone_keeps_the_detectors_verdict_on_held_out_scenes(pipe):
     """Issue 5's bar: encode -> decode of rendered held-out scenes keeps the detector's verdict on >= 95 %,
     so that what limits the score is the policy, not the decoder."""
     from vgrpo.evaluate import load_prompt_rows
-    from vgrpo.tiny_sd3 import vae_verdict_preservation
+    from vgrpo.pretrain_tiny import vae_verdict_preservation
 
     got = vae_verdict_preservation(pipe.vae, load_prompt_rows("builtin:shapes/heldout"), scenes_per_prompt=1)
     assert got["scenes"] == 92 and got["verdict_preserved"] >= 0.95, got
@@ -153,9 +153,9 @@ def test_eval_cli_writes_overall_and_families(tmp_path):
 def test_pretraining_pairs_follow_the_caption_noise():
     """make_pairs draws a near miss of a caption with probability caption_noise[family]: 0 keeps every pair
     true to its caption, 1 makes every one fail it (the noise that leaves the base model RL headroom)."""
+    from vgrpo.pretrain_tiny import make_pairs
     from vgrpo.reward_servers.shapes.detector import detect
     from vgrpo.reward_servers.shapes.rules import evaluate
-    from vgrpo.tiny_sd3 import make_pairs
 
     mix = {"colors": 0.5, "counting": 0.5}
     for noise, expected in ((0.0, 1.0), (1.0, 0.0)):
@@ -170,10 +170,10 @@ def test_washed_out_pairs_keep_their_caption_but_fail_the_detector():
     """make_pairs washes an image out with probability washout[family]: its objects keep their place and
     hue (the caption still describes it) but fade towards the grey background until the detector finds
     nothing, so the defect costs reward on every prompt alike."""
+    from vgrpo.pretrain_tiny import make_pairs, wash_out
     from vgrpo.reward_servers.shapes.detector import detect
     from vgrpo.reward_servers.shapes.rules import evaluate
     from vgrpo.reward_servers.shapes.spec import BACKGROUND
-    from vgrpo.tiny_sd3 import make_pairs, wash_out
 
     mix = {"single_object": 0.5, "two_object": 0.5}
     kw = {"caption_noise": {}, "sides": (16.0, 28.0), "layout": "slots"}
@@ -196,10 +196,10 @@ def test_crowded_pairs_merge_their_objects_and_fail_the_detector():
     """make_pairs crowds a scene of several objects with probability crowding[family]: every object of the
     caption is still drawn, centres pulled together until the shapes merge and the detector fails; scenes
     of one object are never crowded."""
+    from vgrpo.pretrain_tiny import crowd, make_pairs, pretraining_prompts
     from vgrpo.reward_servers.shapes.detector import detect
     from vgrpo.reward_servers.shapes.rules import evaluate
     from vgrpo.shapes.prompts import scene_for_prompt
-    from vgrpo.tiny_sd3 import crowd, make_pairs, pretraining_prompts
 
     mix = {"single_object": 0.3, "two_object": 0.3, "counting": 0.4}
     kw = {"sides": (20.0, 28.0), "layout": "slots"}
@@ -220,7 +220,7 @@ def test_crowded_pairs_merge_their_objects_and_fail_the_detector():
 def test_pretrain_recipe_overrides_are_checked():
     """`vgrpo pretrain-tiny --set KEY=VALUE`: JSON values become PretrainConfig fields; an unknown key, a
     value of the wrong kind or an unknown layout fails at once, naming the key."""
-    from vgrpo.tiny_sd3 import PretrainConfig, recipe_overrides
+    from vgrpo.pretrain_tiny import PretrainConfig, recipe_overrides
 
     got = recipe_overrides(
         ["layout=slots", 'caption_noise={"colors": 0.4}', "flow_steps=10", "sides=[16, 28]"]
@@ -247,7 +247,7 @@ def test_pretrain_recipe_overrides_are_checked():
 def test_shipped_recipe_restates_the_recorded_stages():
     """`--recipe shipped` is the seven commands of the shipped weights' pretrain.json in one: each of its
     stages has exactly the config recorded for that stage (seed, data, schedule, device, threads)."""
-    from vgrpo.tiny_sd3 import RECIPES, recipe_config
+    from vgrpo.pretrain_tiny import RECIPES, recipe_config
 
     record = json.loads((policy.builtin_tiny_path() / "pretrain.json").read_text())
     recorded = [record["stage_1_2_config"], *record["stage_configs"].values()]
@@ -264,7 +264,7 @@ def test_shipped_recipe_restates_the_recorded_stages():
 
 
 def test_later_stages_are_checked_and_take_their_own_seed():
-    from vgrpo.tiny_sd3 import PretrainConfig, recipe_config
+    from vgrpo.pretrain_tiny import PretrainConfig, recipe_config
 
     cfg = PretrainConfig(seed=5, flow_lr=2e-3, then=[{"flow_steps": 7}, {"seed": 1, "layout": "slots"}])
     assert [cfg.stage(k).seed for k in range(3)] == [5, 6, 1]
@@ -283,7 +283,7 @@ def test_a_later_stage_is_the_same_as_a_separate_init_from_run(tmp_path):
     weight: the recipe's stages keep the random streams of standalone runs with their seeds."""
     from safetensors.torch import load_file
 
-    from vgrpo.tiny_sd3 import PretrainConfig, pretrain
+    from vgrpo.pretrain_tiny import PretrainConfig, pretrain
 
     vae = policy.builtin_tiny_path() / "vae"
     small = {"flow_pairs": 64, "flow_steps": 3, "flow_batch": 4, "num_threads": 1}

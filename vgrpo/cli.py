@@ -86,12 +86,12 @@ def pretrain_tiny_cmd(
     sets: list[str] | None = typer.Option(
         None,
         "--set",
-        help="KEY=VALUE of the recipe (vgrpo.tiny_sd3.PretrainConfig; VALUE as JSON), e.g. layout=slots, "
+        help="KEY=VALUE of the recipe (vgrpo.pretrain_tiny.PretrainConfig; VALUE as JSON), e.g. layout=slots, "
         "caption_noise='{\"colors\": 0.4}'",
     ),
 ) -> None:
     """Rebuild the tiny SD3 model of the embedded default from a seed (VAE, then transformer + text encoders)."""
-    from vgrpo.tiny_sd3 import pretrain, recipe_config
+    from vgrpo.pretrain_tiny import pretrain, recipe_config
 
     def log(message: str) -> None:
         typer.echo(message)

@@ -13,7 +13,7 @@ run() {  # NAME JSON-overrides
   (cd /tmp && timeout -s KILL $DEADLINE python3 - "$1" "$2" "$INIT" > $S/$1.log 2>&1 <<'PY'
 
 import json, sys
-from vgrpo.tiny_sd3 import PretrainConfig, pretrain
+from vgrpo.pretrain_tiny import PretrainConfig, pretrain
 name, over = sys.argv[1], json.loads(sys.argv[2])
 base = dict(flow_pairs=96000, flow_batch=256, flow_steps=30000, flow_lr=1e-3, warmup_steps=200, layout="slots",
             device="cuda", checkpoint_every=2500, num_threads=2)

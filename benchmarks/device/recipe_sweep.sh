@@ -19,7 +19,7 @@ while read -r name over; do
   [[ -z $name || $name == \#* ]] && continue
   (cd /tmp && timeout -s KILL $DEADLINE python3 - "$name" "$over" "$VAE" > $S/$name.log 2>&1 <<'PY'
 import json, os, sys
-from vgrpo.tiny_sd3 import PretrainConfig, pretrain
+from vgrpo.pretrain_tiny import PretrainConfig, pretrain
 name, over, vae = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 base = dict(device=os.environ.get("DEV", "cuda"), num_threads=2, checkpoint_every=int(os.environ.get("CKPT", 2100)))
 base.update(over)
