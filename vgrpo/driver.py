@@ -175,7 +175,9 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         for i in sorted(got):
             lo, hi = pending.slices[i]
             parts.append(got[i].check(f"rollout worker {i} (step {pending.step})", num_prompts=hi - lo))
-        check_staleness([p.policy_version for p in parts], pending.step, self.cfg.train.max_staleness)
+        versions = sorted({p.policy_version for p in parts})
+        if len(versions) > 1:
+            raise TrainingError(f"step {pending.step}: the rollout batch mixes policy versions {versions}")
         return RolloutBatch.concat(parts)
 
     # --- one step ----------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         t0 = time.perf_counter()
         batch = self.collect(roles, pending)
         t_rollout = time.perf_counter() - t0
-        staleness = (step - 1) - batch.policy_version  # collect checked it against train.max_staleness
+        staleness = check_staleness([batch.policy_version], step, cfg.train.max_staleness)
         oldest = batch.policy_version
         # the overlap: the next step's rollout runs on the workers while this step scores and learns
         if cfg.train.max_staleness >= 1 and step < cfg.train.steps:
