@@ -62,7 +62,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         overrides["flow_steps"] = args.flow_steps
     cfg = PretrainConfig(device=args.device, num_threads=args.threads, **overrides)
     t0 = time.perf_counter()
-    model = pretrain(out / "model", seed=args.seed, config=cfg, vae_from=ROOT / "vgrpo/assets/tiny_sd3/vae")
+    model = pretrain(out / "model", seed=args.seed, config=cfg, vae_from=ROOT / "core/assets/tiny_sd3/vae")
     pretrain_s = time.perf_counter() - t0
     sets = [f"model.path={model}", "model.dtype=float32", "learner.precision=float32", *args.sets]
     probe = learnability.main(

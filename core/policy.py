@@ -32,7 +32,7 @@ class ModelPathError(ValueError):
 
 
 def builtin_tiny_path() -> Path:
-    """The tiny SD3 pipeline shipped inside the package (``vgrpo/assets/tiny_sd3``)."""
+    """The tiny SD3 pipeline shipped inside the package (``core/assets/tiny_sd3``)."""
     return Path(__file__).resolve().parent / "assets" / "tiny_sd3"
 
 

@@ -62,7 +62,7 @@ def pretrain_tiny_cmd(
     out: Path = typer.Option(
         Path("tiny_sd3"),
         "--out",
-        help="folder to write the diffusers pipeline to (the shipped one: vgrpo/assets/tiny_sd3)",
+        help="folder to write the diffusers pipeline to (the shipped one: core/assets/tiny_sd3)",
     ),
     recipe: str = typer.Option(
         "cpu-hour",

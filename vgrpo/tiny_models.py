@@ -1,5 +1,5 @@
 """The tiny, genuine SD3 pipeline of the embedded default, built from config with random weights (its
-pretraining recipe is `vgrpo/pretrain_tiny.py`; the trained weights ship in `vgrpo/assets/tiny_sd3/`).
+pretraining recipe is `vgrpo/pretrain_tiny.py`; the trained weights ship in `core/assets/tiny_sd3/`).
 
 Architecture (every part a stock diffusers / transformers class, so any diffusers tool loads it):
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny_sd3" / "tokenizer"
+from vgrpo.core.policy import builtin_tiny_path
+
+TOKENIZER = builtin_tiny_path() / "tokenizer"
 PERSON = 0  # COCO class 0, GenEval's "person"
 
 

@@ -4,11 +4,11 @@
 # encoders, every 2500 steps) packed into $OUT as they appear. Run from the repository root there:
 #   OUT=/tmp/out DEADLINE=470 bash benchmarks/device/pretrain.sh
 # Needs .whl/ with the wheels the machine lacks (see rl_sweep.sh); INIT = the pipeline folder to refine (stage 6
-# started from stage 5, see vgrpo/assets/tiny_sd3/pretrain.json). Edit the `run` lines at the end.
+# started from stage 5, see core/assets/tiny_sd3/pretrain.json). Edit the `run` lines at the end.
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; DEADLINE=${DEADLINE:-480}
 . benchmarks/device/setup.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
-S=/tmp/pt; mkdir -p $S; INIT=${INIT:-$PWD/vgrpo/assets/tiny_sd3}  # the pipeline to refine
+S=/tmp/pt; mkdir -p $S; INIT=${INIT:-$PWD/core/assets/tiny_sd3}  # the pipeline to refine
 run() {  # NAME JSON-overrides
   (cd /tmp && timeout -s KILL $DEADLINE python3 - "$1" "$2" "$INIT" > $S/$1.log 2>&1 <<'PY'
 

@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT; export DEADLINE=${DEADLINE:-470}
 . benchmarks/device/setup.sh
 export OMP_NUM_THREADS=2
 nvidia-smi --query-gpu=name --format=csv,noheader
-S=/tmp/rs; rm -rf $S; mkdir -p $S; VAE=$PWD/vgrpo/assets/tiny_sd3/vae
+S=/tmp/rs; rm -rf $S; mkdir -p $S; VAE=$PWD/core/assets/tiny_sd3/vae
 while read -r name over; do
   [[ -z $name || $name == \#* ]] && continue
   (cd /tmp && timeout -s KILL $DEADLINE python3 - "$name" "$over" "$VAE" > $S/$name.log 2>&1 <<'PY'
