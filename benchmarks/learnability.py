@@ -1,8 +1,8 @@
 """Learnability probe: does the shipped tiny SD3 model's held-out GenEval-Shapes score rise under RL?
 
-One process, no Ray: the rollout engine, the shapes reward and a one-rank DeepSpeed learner (gloo) run
-the same code as `vgrpo train`'s actors, step by step (sample G images per prompt -> score -> group
-advantages -> update -> apply the weights). The held-out split is evaluated before the first step and
+One process, no Ray: `vgrpo/local_loop.py`'s step (the rollout engine, the configured rewards and a
+one-rank DeepSpeed learner on gloo run the same code as `vgrpo train`'s actors: sample G images per
+prompt -> score -> group advantages -> update -> apply the weights). The held-out split is evaluated before the first step and
 every `--eval-every` steps with the configured evaluation sampler. Settings are the embedded default's
 (`vgrpo config`), changed with `--set key=value` as in `vgrpo train`.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -26,12 +25,6 @@ import numpy as np
 import torch
 
 FAMILIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,29 +42,13 @@ def main(argv: list[str] | None = None) -> dict:
     from vgrpo.data import PromptSource
     from vgrpo.driver import derive_seeds
     from vgrpo.evaluate import load_prompt_rows, score_heldout, shapes_reward
-    from vgrpo.learner.engine import LearnerEngine
+    from vgrpo.local_loop import LocalLoop
     from vgrpo.proto.config import load_config
-    from vgrpo.proto.messages import TrainShard, WeightUpdate
-    from vgrpo.reward_servers.registry import get_reward
-    from vgrpo.rollout_workers.engine import RolloutEngine
 
     cfg = load_config(None, args.sets)
     r, d, seed = cfg.rollout, cfg.data, cfg.train.seed
-    noise = float(getattr(cfg.algorithm.params(), "noise_level", 0.7))
-    rollout = RolloutEngine(
-        cfg.model,
-        r,
-        cfg.sampler(),
-        noise_level=noise,
-        sigma_grid=cfg.sigma_grid(),
-        seed=seed,
-        device=args.device,
-    )
-    learner = LearnerEngine(
-        cfg.model, cfg.learner, cfg.algorithm, r, 0, 1, args.steps, seed=seed, device=args.device
-    )
-    learner.init_distributed("127.0.0.1", free_port())
-    rewards = {name: get_reward(name, cfg.reward.server(name).options) for name in cfg.reward.weights}
+    loop = LocalLoop(cfg, device=args.device, seed=seed, total_steps=args.steps)
+    rollout = loop.rollout
     source = PromptSource.from_spec(d.train_prompts, seed=seed, shuffle=d.shuffle, balance_by=d.balance_by)
     rows = load_prompt_rows(d.eval_prompts, d.eval_max_prompts)
 
@@ -117,27 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
         items = source.next(r.prompts_per_step)
-        prompts = [p.prompt for p in items for _ in range(r.group_size)]
-        window = learner.objective.rollout_window(step, r.num_steps, seed)  # MixGRPO, Flow-GRPO-Fast
-        batch = rollout.sample(
-            [p.prompt for p in items], r.group_size, derive_seeds(seed, step, len(prompts)), window
-        )
-        images = list(batch.images)
-        metadata = [p.metadata for p in items for _ in range(r.group_size)]
-        total = np.zeros(len(prompts))
-        for name, w in cfg.reward.weights.items():
-            scored = rewards[name].score(images, prompts, metadata)
-            values = [s.value if s.error is None else None for s in scored]
-            bad = next((i for i, v in enumerate(values) if v is None or not np.isfinite(v)), None)
-            if bad is not None:  # as the driver's RewardClient: a failed image stops the run, named
-                why = scored[bad].error or f"value {values[bad]}"
-                raise SystemExit(f"reward {name!r} failed on image {bad} (prompt {prompts[bad]!r}): {why}")
-            total += w * np.array(values, dtype=np.float64)
-        group_b = np.repeat(np.arange(len(items)), r.group_size)
-        adv, stats = learner.objective.advantages(torch.as_tensor(total), torch.as_tensor(group_b))
-        (shard,) = TrainShard.split(batch, adv.numpy(), 1, rollout.version)
-        metrics = learner.train_step(shard, step)
-        rollout.update_weights(WeightUpdate(step, learner.publish()))
+        seeds = derive_seeds(seed, step, len(items) * r.group_size)
+        done = loop.step([p.prompt for p in items], step, seeds, [p.metadata for p in items])
+        total, stats, metrics = done.scores.total, done.adv_stats, done.learner
         train_s += time.perf_counter() - t0
         history.append(
             {"step": step, "reward": float(total.mean()), "zero_std_frac": stats["zero_std_frac"], **metrics}

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vgrpo.proto.config import RunConfig, load_config
-from vgrpo.proto.messages import TrainShard, WeightUpdate
+from vgrpo.proto.messages import WeightUpdate
 
 ROLES = ("rollout", "reward", "learner")
 Granularity = Literal["prompt", "image"]
@@ -510,19 +510,16 @@ def _costs_from_run(path: Path) -> Costs:
 
 
 def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = print) -> Costs:
-    """Time the real code on this machine, in-process (no Ray): RolloutEngine.sample, the configured
-    rewards, LearnerEngine.train_step (one DeepSpeed rank on gloo/NCCL) and a weight publish + apply.
+    """Time the real code on this machine, in-process (no Ray: vgrpo/local_loop.py): RolloutEngine.sample,
+    the configured rewards, LearnerEngine.train_step (one DeepSpeed rank on gloo/NCCL) and a weight
+    publish + apply.
     One device = one GPU, or on a CPU-only machine one core (torch is limited to one thread)."""
-    import socket
 
     import numpy as np
     import torch
 
     from vgrpo.core.policy import ModelPathError, resolve_model_path
-    from vgrpo.learner.engine import LearnerEngine
-    from vgrpo.learner.objectives import build_objective
-    from vgrpo.reward_servers.registry import get_reward
-    from vgrpo.rollout_workers.engine import RolloutEngine
+    from vgrpo.local_loop import LocalLoop
 
     hint = "; or measure the embedded default: vgrpo plan --embedded --measure"
     try:
@@ -550,15 +547,13 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
     ]
     batch_prompts = [texts[i % len(texts)] for i in range(prompts)]
     n = prompts * g
-    noise = float(getattr(cfg.algorithm.params(), "noise_level", 0.7))
+    stale = work.max_staleness >= 1
     t0 = time.perf_counter()
-    eng = RolloutEngine(
-        cfg.model, cfg.rollout, cfg.sampler(), noise_level=noise, sigma_grid=cfg.sigma_grid(), device=device
-    )  # type: ignore[arg-type]
-    obj = build_objective(cfg.algorithm)
-    window = obj.rollout_window(1, cfg.rollout.num_steps, cfg.train.seed)  # MixGRPO, Flow-GRPO-Fast
-    eng.sample(batch_prompts[:1], g, list(range(g)), window)  # warm-up
-    out = eng.sample(batch_prompts, g, list(range(100, 100 + n)), window)
+    # the loop's step in-process (vgrpo/local_loop.py): the same engines and messages as the actors'
+    loop = LocalLoop(cfg, device=device, total_steps=10, max_staleness=1 if stale else 0)
+    obj = loop.objective
+    loop.sample(batch_prompts[:1], 1, list(range(g)))  # warm-up
+    out = loop.sample(batch_prompts, 1, list(range(100, 100 + n)))
     rollout_s = out.seconds / n
     log(
         f"  measured rollout: {n} images in {out.seconds:.2f} s (load + warm-up {time.perf_counter() - t0:.1f} s)"
@@ -571,7 +566,7 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
     for name, weight in cfg.reward.weights.items():
         if weight == 0:
             continue
-        model = get_reward(name, dict(cfg.reward.server(name).options))
+        model = loop.rewards[name]
         model.score(images[:2], prompt_b[:2])
         t1 = time.perf_counter()
         model.score(images, prompt_b)
@@ -579,40 +574,18 @@ def measure_costs(cfg: RunConfig, work: Workload, prompts: int = 2, log: Any = p
         reward_cpu = reward_cpu and cfg.reward.server(name).gpus == 0
     log(f"  measured reward: {reward_s * 1e3:.2f} ms/image ({', '.join(cfg.reward.weights)})")
 
-    stale = work.max_staleness >= 1
-    lrn = LearnerEngine(
-        cfg.model,
-        cfg.learner,
-        cfg.algorithm,
-        cfg.rollout,
-        rank=0,
-        world_size=1,
-        total_steps=10,
-        device=device,
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    lrn.init_distributed("127.0.0.1", port, max_staleness=1 if stale else 0)
-    rng = np.random.default_rng(0)
-    (shard,) = TrainShard.split(out, rng.standard_normal(n).astype(np.float32), 1, 0)
-    lrn.train_step(shard, 1)  # warm-up (on-policy); publishes version 1
+    advantages = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    loop.learn(out, advantages, 1, policy_version=0)  # warm-up (on-policy); publishes version 1
     t1 = time.perf_counter()
-    state = lrn.publish()
-    eng.update_weights(WeightUpdate(1, state))
+    state = loop.learner.publish()
+    loop.rollout.update_weights(WeightUpdate(1, state))
     sync_s = time.perf_counter() - t1
-    shard.policy_version = 0 if stale else 1  # stale: the old-policy forwards of a lagging batch run
     t1 = time.perf_counter()
-    lrn.train_step(shard, 2)
+    # stale: the batch of version 0 trained at version 1 runs the old-policy forwards of a lagging batch
+    loop.learn(out, advantages, 2, policy_version=0 if stale else 1)
     learner_s = (time.perf_counter() - t1) / n
     log(f"  measured learner ({obj.name}): {learner_s * n:.2f} s for {n} images; weight sync {sync_s:.3f} s")
-    try:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # a measurement must not fail on teardown
-        pass
+    loop.close()
     trainable = sum(int(v.numel()) for v in state.values())
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name(0) if gpu else f"CPU, {threads} torch thread(s) = 1 device"
