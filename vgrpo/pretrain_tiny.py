@@ -109,7 +109,7 @@ class PretrainConfig:
     caption_noise: dict[str, float] = field(default_factory=dict)
     # P(the image of a pair is washed out), by family: its colours faded towards the grey background to
     # ``washout_contrast`` of their contrast, as web data holds low-contrast photos; the detector fails on
-    # them. Measured (docs/training.md, "Stages 6–7"): CFG at w = 5 restores the contrast, so the mode shows
+    # them. Measured (docs/training.md, "Pretraining recipes and knobs"): CFG at w = 5 restores the contrast, so the mode shows
     # only without guidance; not used by the shipped recipe
     washout: dict[str, float] = field(default_factory=dict)
     washout_contrast: float = 0.25
