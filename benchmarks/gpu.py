@@ -51,7 +51,7 @@ from vgrpo.core.adapters import (
     load_weights,
     trainable_params,
 )
-from vgrpo.core.flow import apply_cfg, ode_sample, sd3_sigmas
+from vgrpo.core.flow import ode_sample, sd3_sigmas
 from vgrpo.learner.engine import SD3LearnerPolicy
 from vgrpo.learner.objectives.base import TrainBatch
 from vgrpo.learner.objectives.vgrpo import VGRPO
@@ -185,18 +185,7 @@ def rollout_batch(
     device = transformer.device
     shape_chw = (int(transformer.config.in_channels), image // 8, image // 8)
     embeds, pooled = cond
-    if guidance == 1.0 or uncond is None:
-        v_fn = lambda x, s: P.velocity(transformer, x, s, embeds, pooled).float()  # noqa: E731
-    else:
-        b = embeds.shape[0]
-        embeds_2b = torch.cat([uncond[0].expand(b, -1, -1), embeds])
-        pooled_2b = torch.cat([uncond[1].expand(b, -1), pooled])
-
-        def v_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            v_u, v_c = (
-                P.velocity(transformer, torch.cat([x, x]), s.repeat(2), embeds_2b, pooled_2b).float().chunk(2)
-            )
-            return apply_cfg(v_u, v_c, guidance)
+    v_fn = lambda x, s: P.guided_velocity(transformer, x, s, embeds, pooled, guidance, uncond)  # noqa: E731
 
     sync(device)
     t0 = time.perf_counter()

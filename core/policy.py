@@ -154,6 +154,33 @@ def velocity(
     return out
 
 
+def guided_velocity(
+    transformer: SD3Transformer2DModel,
+    x_bchw: torch.Tensor,
+    sigma_b: torch.Tensor,
+    prompt_embeds_bld: torch.Tensor,
+    pooled_bd: torch.Tensor,
+    guidance_scale: float = 1.0,
+    uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
+    detach_uncond: bool = False,
+) -> torch.Tensor:
+    """The velocity with classifier-free guidance (docs/algorithms.md §2.2), float32: with ``w != 1`` one
+    batched forward of ``[uncond; cond]`` (``uncond``: the empty prompt's ``(L, D)`` features and ``(Dp,)``
+    pooled vector, :func:`empty_prompt_embeds`), then ``v_u + w (v_c - v_u)``; without ``uncond`` or at
+    ``w = 1`` the conditional velocity alone. ``detach_uncond``: the unconditional branch is a constant
+    of a training update (Flow-GRPO and DGPO detach it; the gradient is ``w grad v_c``). The one place the
+    rollout, held-out sampling and the learner's guided forward compute it."""
+    if guidance_scale == 1.0 or uncond is None:
+        return velocity(transformer, x_bchw, sigma_b, prompt_embeds_bld, pooled_bd).float()
+    b = x_bchw.shape[0]
+    empty_ld, empty_pooled_d = uncond
+    embeds_2b = torch.cat([empty_ld.expand(b, -1, -1).to(prompt_embeds_bld), prompt_embeds_bld])
+    pooled_2b = torch.cat([empty_pooled_d.expand(b, -1).to(pooled_bd), pooled_bd])
+    v_2bchw = velocity(transformer, torch.cat([x_bchw, x_bchw]), sigma_b.repeat(2), embeds_2b, pooled_2b)
+    v_u, v_c = v_2bchw.float().chunk(2)
+    return apply_cfg(v_u.detach() if detach_uncond else v_u, v_c, guidance_scale)
+
+
 # --------------------------------------------------------------------------------- latents <-> images
 
 
@@ -238,19 +265,12 @@ def sample(
     embeds_ul, pooled_u = encode_prompts(pipe, unique)
     index_b = torch.tensor([unique.index(p) for p in prompts])
     cond_bld, cond_pooled_bd = embeds_ul[index_b], pooled_u[index_b]
-    use_cfg = guidance_scale != 1.0
-    if use_cfg:
-        empty_ld, empty_pooled_d = empty_prompt_embeds(pipe)
-        b = len(prompts)
-        embeds_2b = torch.cat([empty_ld.expand(b, -1, -1), cond_bld])
-        pooled_2b = torch.cat([empty_pooled_d.expand(b, -1), cond_pooled_bd])
+    uncond = empty_prompt_embeds(pipe) if guidance_scale != 1.0 else None
 
     def velocity_fn(x_bchw: torch.Tensor, sigma_b: torch.Tensor) -> torch.Tensor:
-        if not use_cfg:
-            return velocity(transformer, x_bchw, sigma_b, cond_bld, cond_pooled_bd).float()
-        v_2bchw = velocity(transformer, torch.cat([x_bchw, x_bchw]), sigma_b.repeat(2), embeds_2b, pooled_2b)
-        v_uncond, v_cond = v_2bchw.float().chunk(2)
-        return apply_cfg(v_uncond, v_cond, guidance_scale)
+        return guided_velocity(
+            transformer, x_bchw, sigma_b, cond_bld, cond_pooled_bd, guidance_scale, uncond
+        )  # fmt: skip
 
     x1_bchw = initial_noise(list(seeds), shape_chw).to(transformer.device)
     latents_bchw = ode_sample(velocity_fn, x1_bchw, sigmas, solver=sampler).float()

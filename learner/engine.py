@@ -31,7 +31,6 @@ from vgrpo.core.adapters import (
     trainable_params,
     use_adapter,
 )
-from vgrpo.core.flow import apply_cfg
 from vgrpo.learner.objectives import Objective, TrainBatch, build_objective
 from vgrpo.learner.objectives.base import Which
 from vgrpo.proto.config import AlgorithmConfig, LearnerConfig, ModelConfig, RolloutConfig
@@ -67,16 +66,11 @@ class SD3LearnerPolicy:
 
     def _forward(self, net: Any, x: torch.Tensor, sigma_b: torch.Tensor, cond: Any) -> torch.Tensor:
         embeds_bld, pooled_bd = cond
-        if self.guidance_scale == 1.0 or self.uncond is None:
-            return P.velocity(net, x, sigma_b, embeds_bld, pooled_bd).float()
-        b = x.shape[0]
-        empty_ld, empty_pooled = self.uncond
-        embeds = torch.cat([empty_ld.expand(b, -1, -1).to(embeds_bld), embeds_bld])
-        pooled = torch.cat([empty_pooled.expand(b, -1).to(pooled_bd), pooled_bd])
-        v_u, v_c = P.velocity(net, torch.cat([x, x]), sigma_b.repeat(2), embeds, pooled).float().chunk(2)
         # the unconditional branch is a constant of the update, as upstream Flow-GRPO and DGPO detach it:
         # the gradient is w grad v_c, not w grad v_c - (w - 1) grad v_u (docs/algorithms.md)
-        return apply_cfg(v_u.detach(), v_c, self.guidance_scale)
+        return P.guided_velocity(
+            net, x, sigma_b, embeds_bld, pooled_bd, self.guidance_scale, self.uncond, detach_uncond=True
+        )
 
     def velocity(
         self, x_bchw: torch.Tensor, sigma_b: torch.Tensor, cond: Any, which: Which = "current"

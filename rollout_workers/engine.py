@@ -15,7 +15,6 @@ import torch
 from vgrpo.core import policy as P
 from vgrpo.core.adapters import add_lora, load_weights, trainable_params
 from vgrpo.core.flow import (
-    apply_cfg,
     ode_sample,
     sd3_sigmas,
     sde_sample,
@@ -184,20 +183,8 @@ class RolloutEngine:
 
     def _velocity_fn(self, embeds_bld: torch.Tensor, pooled_bd: torch.Tensor):
         transformer, w = self.pipe.transformer, self.cfg.guidance_scale
-        if w == 1.0:
-            return lambda x, s: P.velocity(transformer, x, s, embeds_bld, pooled_bd).float()
-        empty_ld, empty_pooled = P.empty_prompt_embeds(self.pipe)
-        b = embeds_bld.shape[0]
-        embeds_2b = torch.cat([empty_ld.expand(b, -1, -1), embeds_bld])
-        pooled_2b = torch.cat([empty_pooled.expand(b, -1), pooled_bd])
-
-        def v_cfg(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            v_u, v_c = (
-                P.velocity(transformer, torch.cat([x, x]), s.repeat(2), embeds_2b, pooled_2b).float().chunk(2)
-            )
-            return apply_cfg(v_u, v_c, w)
-
-        return v_cfg
+        uncond = P.empty_prompt_embeds(self.pipe) if w != 1.0 else None
+        return lambda x, s: P.guided_velocity(transformer, x, s, embeds_bld, pooled_bd, w, uncond)
 
     # ------------------------------------------------------------------------------------ evaluation
 
