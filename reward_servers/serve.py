@@ -43,7 +43,7 @@ from vgrpo.core import metrics
 from vgrpo.proto.config import RewardConfig, RewardServerConfig
 from vgrpo.proto.messages import RewardScores
 from vgrpo.reward_servers import registry
-from vgrpo.reward_servers.base import ScoredItem
+from vgrpo.reward_servers.base import Reward, ScoredItem
 from vgrpo.reward_servers.http_client import ImageFormatError, decode_image, to_uint8_rgb
 
 APP_PREFIX = "vgrpo-reward-"
@@ -308,6 +308,17 @@ async def _score_items(
     return {name: list(flat[k * n : (k + 1) * n]) for k, name in enumerate(names)}
 
 
+def _blocking(make: Callable[[], Any]) -> Any:
+    """Runs the coroutine ``make()`` builds to completion from synchronous code (from a thread that runs an
+    event loop, in a helper thread: Serve's blocking calls refuse to run inside one)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
 class RewardClient:
     """The driver's side of the reward servers: `score` sends every image to every reward at once and
     returns per-reward values and their weighted total, or raises RewardError — never a batch with an
@@ -327,14 +338,8 @@ class RewardClient:
         prompts: Sequence[str],
         metadata: Sequence[dict[str, Any]] | None = None,
     ) -> RewardScores:
-        """Blocking form of `score_async` (from a thread that runs an event loop it uses a helper
-        thread, since Serve's blocking calls refuse to run inside one)."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.score_async(images_bhwc, prompts, metadata))
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, self.score_async(images_bhwc, prompts, metadata)).result()
+        """Blocking form of `score_async`."""
+        return _blocking(lambda: self.score_async(images_bhwc, prompts, metadata))
 
     async def score_async(
         self,
@@ -377,6 +382,32 @@ class RewardClient:
             seconds=time.perf_counter() - t0,
             retries=sum(o.retries for outs in outcomes.values() for o in outs),
         )
+
+
+class ServedReward(Reward):
+    """One served reward behind the plain `Reward` interface: every image goes to that reward's
+    replicas (with the client's timeout and retries) and comes back as a ScoredItem, a per-image failure
+    as an item error rather than an exception. The driver scores held-out images with it, so evaluation
+    uses the reward servers as training does."""
+
+    def __init__(self, client: RewardClient, name: str) -> None:
+        if name not in client.handles:
+            raise ValueError(f"reward {name!r} is not served here (served: {', '.join(client.handles)})")
+        self.name, self.client = name, client
+
+    def score(
+        self, images: list[np.ndarray], prompts: list[str], metadata: list[dict] | None = None
+    ) -> list[ScoredItem]:
+        self.check_batch(images, prompts, metadata)
+        meta: list[dict[str, Any] | None] = list(metadata) if metadata is not None else [None] * len(images)
+        handles = {self.name: self.client.handles[self.name]}
+        pixels = [to_uint8_rgb(image) for image in images]
+        c = self.client
+        outs = _blocking(lambda: _score_items(handles, pixels, list(prompts), meta, c.timeout_s, c.retries))
+        return [
+            ScoredItem(None, error=o.error) if o.error else ScoredItem(o.value, details=o.details)
+            for o in outs[self.name]
+        ]
 
 
 # ---------------------------------------------------------------------------------------------- HTTP

@@ -151,6 +151,29 @@ def test_values_match_in_process_batches_fill_and_weights_combine(served: Any) -
     assert "clauses" in scores.details["shapes"][0] and scores.retries == 0
 
 
+def test_a_served_reward_scores_held_out_images_as_the_in_process_one(served: Any) -> None:
+    """The driver's held-out table through the served shapes reward equals the in-process table: the same
+    binary scores, partial rewards and failed clauses; a reward that fails an image gives an item error."""
+    from vgrpo.evaluate import HeldoutTable, shapes_reward
+
+    rs, cfg, handles, _ = served
+    client = rs.RewardClient(handles, cfg)
+    images, prompts = _scenes(12, seed=3)
+    rows = [{"prompt": p, "tag": "t"} for p in prompts]
+    jobs = [(i, 0, 100 + i) for i in range(len(rows))]
+    tables = []
+    for reward in (rs.ServedReward(client, "shapes"), shapes_reward()):
+        table = HeldoutTable(rows, reward, "shapes", {"images_per_prompt": 1})
+        table.add(jobs, np.stack(images))
+        tables.append(table.result())
+    assert tables[0] == tables[1]
+    assert 0 < tables[0]["overall"] < 1  # some images pass their prompt, some do not
+    items = rs.ServedReward(client, "test-trouble").score(images[:2], ["nan", "fine"])
+    assert items[0].value is None and items[0].error and items[1].error is None
+    with pytest.raises(ValueError, match="not served"):
+        rs.ServedReward(client, "pickscore")
+
+
 def test_non_finite_and_raising_rewards_name_the_reward_and_image(served: Any) -> None:
     rs, cfg, handles, _ = served
     client = rs.RewardClient({"test-trouble": handles["test-trouble"]}, cfg.model_copy(update={"retries": 1}))

@@ -265,8 +265,9 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
 
     def evaluate(self, roles: Roles) -> dict[str, float]:
         """Held-out evaluation as training works: rollout worker 0 samples (fixed seeds), the shapes
-        reward server's model scores, the driver tabulates (vgrpo/evaluate.py)."""
+        reward server scores, the driver tabulates (vgrpo/evaluate.py)."""
         from vgrpo.evaluate import load_prompt_rows, score_heldout, shapes_reward
+        from vgrpo.reward_servers.serve import ServedReward
 
         d, r = self.cfg.data, self.cfg.rollout
         rows = load_prompt_rows(d.eval_prompts, d.eval_max_prompts)
@@ -296,7 +297,11 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
             "held-out evaluation",
             self.version,
         )[0]
-        res = score_heldout(rows, sampled, shapes_reward(), "shapes")
+        # the served shapes reward scores when training serves it (its binary verdict is the table's number),
+        # else the same model in this process
+        served = "shapes" in getattr(roles.rewards, "handles", {})
+        scorer = ServedReward(roles.rewards, "shapes") if served else shapes_reward()
+        res = score_heldout(rows, sampled, scorer, "shapes")
         out = {"eval/overall": float(res["overall"])}
         out.update({f"eval/{k}": float(v) for k, v in res["families"].items()})
         return out
