@@ -97,3 +97,21 @@ def test_the_scan_sees_an_import_inside_a_function(tmp_path: Path):
     assert {"vgrpo.driver", "importlib:vgrpo.learner.engine"} <= found
     assert folder_of("vgrpo.driver", package_dirs()) == "vgrpo"
     assert folder_of("vgrpo.core.flow", package_dirs()) == "core"
+
+
+def test_no_torchvision_notice_from_transformers_on_a_command(tmp_path: Path):
+    """Loading the shipped pipeline (diffusers asks transformers for CLIP and Siglip image processors)
+    prints no torchvision fallback notice; transformers' other messages are untouched."""
+    import subprocess
+    import sys
+
+    code = (
+        "import vgrpo.core.policy as P, transformers, logging\n"
+        "P.load_pipeline('builtin:tiny-sd3')\n"
+        "transformers.CLIPImageProcessor, transformers.SiglipImageProcessor\n"
+        "logging.getLogger('transformers.utils.import_utils').warning('another transformers message')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "requires torchvision" not in out.stderr + out.stdout
+    assert "another transformers message" in out.stderr
