@@ -33,7 +33,7 @@ import json, os, sys, time
 from pathlib import Path
 import torch
 from vgrpo.evaluate import evaluate_policy, load_prompt_rows
-from vgrpo.policy import load_pipeline
+from vgrpo.core.policy import load_pipeline
 root, rows, seen, t0 = Path(sys.argv[1]), load_prompt_rows("builtin:shapes/heldout"), set(), time.time()
 while time.time() - t0 < float(os.environ.get("DEADLINE", 470)) + 35:
     found = [d for d in root.glob("*/*") if d.is_dir() and (d / "model_index.json").is_file()]
