@@ -197,7 +197,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the plain PretrainConfig defaults (the first stage of "shipped"; a refinement stage with --init-from)
     "base": {},
     # from scratch on the 2-core CPU in under an hour (VAE, 8400 slot-layout steps at lr 2e-3, then the
-    # crowding defect): the default of `vgrpo pretrain-tiny`, see docs/training.md "A one-hour CPU recipe"
+    # crowding defect): the default of `vgrpo pretrain-tiny`, see docs/training.md "Pretraining recipes and knobs"
     "cpu-hour": {
         "num_threads": 2,
         "layout": "slots",
