@@ -1,14 +1,14 @@
 """``vgrpo train``: the driver, read as the recipe. One step, top to bottom in ``Trainer.train_step``:
 
     prompts (PromptSource) ── PromptItem ──▶ RolloutWorker × R (holds policy v_k; rollout_workers/)
-                                                 │ RolloutBatch: images, final latents, text features,
-                                                 │ the sampler grid (+ SDE trajectory, log-probs)
-                                                 ▼
-                        reward servers (Ray Serve, batched; reward_servers/) ── RewardScores ──┐
-                                                                                                ▼
-                                               group-relative advantages (the objective's rule)
-                                                                                                │
-      Learner × L (DeepSpeed ZeRO group; learner/) ◀── TrainShard × L (whole prompt groups) ───┘
+                                               │ RolloutBatch: images, final latents, text features,
+                                               │ the sampler grid (+ SDE trajectory, log-probs)
+                                               ▼
+                    reward servers (Ray Serve, batched; reward_servers/) ── RewardScores ──┐
+                                                                                            ▼
+                                           group-relative advantages (the objective's rule)
+                                                                                            │
+      Learner × L (DeepSpeed ZeRO group; learner/) ◀── TrainShard × L (whole prompt groups) ┘
                   │ one update of the objective: V-GRPO | DGPO | Flow-GRPO(-Fast) | MixGRPO | NFT
                   ▼
       publish v_k+1 ── WeightUpdate (object store) or WeightManifest + buckets (collective) ──▶ workers

@@ -38,8 +38,9 @@ class Publishing:
 
     def weights_for(self, roles: Roles, version: int) -> Any:
         """The published weights of ``version`` for a replacement worker or an object-store update: an
-        ObjectRef of its ``WeightUpdate``, or None (the starting policy). A version that went by broadcast is fetched from learner
-        rank 0's publish history on first use (and then kept as an ObjectRef like the others)."""
+        ObjectRef of its ``WeightUpdate``, or None (the starting policy). A version that went by broadcast
+        is fetched from learner rank 0's publish history on first use (and then kept as an ObjectRef like
+        the others)."""
         weights = self.published.get(version)
         if isinstance(weights, str) and weights == KEPT_BY_LEARNER:
             weights = roles.learners[0].published_weights.remote(version)
