@@ -37,9 +37,10 @@ AdvantageNorm = Literal["group", "global_std", "none"]
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, assignments are validated."""
+    """Base of every section: unknown keys are errors, assignments are validated, and no number is
+    infinite or NaN (an infinite learning rate or clip would train to NaN weights without a word)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -254,6 +255,14 @@ class VGRPOConfig(Section):
         description="score samples with the CFG velocity the rollout used (rollout.guidance_scale): the "
         "trained object is what is sampled; doubles the learner's forwards",
     )
+
+    @model_validator(mode="after")
+    def _time_range(self) -> VGRPOConfig:
+        if self.t_min >= self.t_max:
+            raise ValueError(
+                f"t_min = {self.t_min} >= t_max = {self.t_max}: the training times need a range; fix: t_min < t_max"
+            )
+        return self
     advantage: AdvantageConfig = Field(
         default_factory=lambda: AdvantageConfig(norm="group", clip=None, soft_clip=3.0)
     )
@@ -435,7 +444,7 @@ class LearnerConfig(Section):
     optimizer: Literal["adamw"] = "adamw"
     lr: float = Field(1e-3, gt=0, description="LoRA rate of the tiny default; the SD3.5-M recipes use 3e-4")
     weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's (beta1, beta2), each in [0, 1)")
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -443,6 +452,13 @@ class LearnerConfig(Section):
     micro_batch_size: int = Field(32, ge=1, description="images per learner forward/backward")
     precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU")
     activation_checkpointing: bool = False
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas = {list(v)}: each must be in [0, 1), e.g. [0.9, 0.999]")
+        return v
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     cpus_per_rank: float = Field(0.5, ge=0)
     gpus_per_rank: float = Field(0.0, ge=0)

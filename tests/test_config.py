@@ -139,3 +139,39 @@ def test_a_renamed_key_still_loads_and_names_its_new_name(caplog):
     assert "algorithm.dgpo.clip is now called algorithm.dgpo.clip_range" in caplog.text
     with pytest.raises(ConfigError, match=r"give only algorithm\.vgrpo\.clip_range"):
         load_config(None, ["algorithm.vgrpo.clip_eps=0.02", "algorithm.vgrpo.clip_range=0.03"])
+
+
+def _float_fields(model: type, prefix: str = "") -> list[str]:
+    """Dotted paths of every float field of the configuration tree (float or float | None)."""
+    from pydantic import BaseModel
+
+    paths = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        sub = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None:
+            paths += _float_fields(sub, f"{prefix}{name}.")
+        elif ann is float or (float in args and not any(a in (tuple, list, dict) for a in args)):
+            paths.append(prefix + name)
+    return paths
+
+
+def test_every_float_of_the_tree_refuses_inf_and_nan():
+    paths = _float_fields(RunConfig)
+    assert len(paths) > 40 and "learner.lr" in paths and "algorithm.vgrpo.clip_range" in paths
+    for path in paths:
+        for bad in (".inf", "-.inf", ".nan"):
+            with pytest.raises(ConfigError) as e:
+                load_config(None, [f"{path}={bad}"])
+            assert path in str(e.value), (path, bad, str(e.value))
+    with pytest.raises(ConfigError, match=r"reward\.weights\.shapes"):
+        load_config(None, ["reward.weights.shapes=.inf"])
+
+
+def test_ranges_that_cross_fields_are_checked():
+    with pytest.raises(ConfigError, match="betas"):
+        load_config(None, ["learner.betas=[1.5, 2]"])
+    with pytest.raises(ConfigError, match="t_min"):
+        load_config(None, ["algorithm.vgrpo.t_min=0.9", "algorithm.vgrpo.t_max=0.5"])
+    assert load_config(None, ["learner.betas=[0.8, 0.99]"]).learner.betas == (0.8, 0.99)

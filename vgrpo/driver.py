@@ -110,6 +110,13 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
                 validate_prompts([row["prompt"] for row in self.source.rows])
         except (ValueError, OSError) as e:
             raise TrainingError(f"data.train_prompts = {cfg.data.train_prompts!r}: {e}") from None
+        if cfg.train.eval_every:  # a bad held-out file fails now, not at the first evaluation
+            from vgrpo.evaluate import load_prompt_rows
+
+            try:
+                load_prompt_rows(cfg.data.eval_prompts, cfg.data.eval_max_prompts)
+            except (ValueError, OSError, KeyError) as e:
+                raise TrainingError(f"data.eval_prompts = {cfg.data.eval_prompts!r}: {e}") from None
         self.step = 0
         self.version = 0
         self.pending: deque[PendingRollout] = deque()

@@ -55,6 +55,8 @@ def load_prompt_rows(
                 except PromptError:
                     if strict:
                         raise
+    if not rows:
+        raise ValueError(f"prompt file {text!r} holds no prompts; fix: give a file with one prompt a line")
     return rows[:max_prompts] if max_prompts else rows
 
 
@@ -159,6 +161,8 @@ def load_benchmark_rows(
             rows.append(row)
     else:
         rows = [{"prompt": line.strip()} for line in lines]
+    if not rows:
+        raise ValueError(f"{path} holds no prompts; fix: give the benchmark's prompt file")
     rows = rows[:max_prompts] if max_prompts else rows
     for row in rows:
         row.setdefault("tag", benchmark)
