@@ -321,10 +321,11 @@ def reward_queue(reward: str, replica: str, depth: int) -> None:
     record("vgrpo_reward_queue_depth", depth, "reward", replica, reward=reward)
 
 
-def export_step(row: dict[str, Any], port: int | None = None) -> None:
+def export_step(row: dict[str, Any], port: int | None = None, bind: str = "127.0.0.1") -> None:
     """The driver's side: one ``metrics.jsonl`` row as gauges/counters (called after each step).
-    ``port`` (``observability.metrics_port``) also serves them with prometheus-client."""
-    serve_driver_metrics(port)
+    ``port`` (``observability.metrics_port``) also serves them with prometheus-client on the interface
+    ``bind`` (``observability.bind``)."""
+    serve_driver_metrics(port, bind)
     tags = ("driver", "driver")
     if row["step"] == 1 or "vgrpo_retries" not in _recorder._metrics:
         _recorder.seed("vgrpo_retries", {"role": "driver", "worker": "driver", "kind": "reward"})
@@ -357,13 +358,13 @@ def export_step(row: dict[str, Any], port: int | None = None) -> None:
 class _PromMirror:
     """The driver's metrics on ``observability.metrics_port`` through prometheus-client (unprefixed)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, bind: str = "127.0.0.1") -> None:
         import prometheus_client as pc
 
         self.pc = pc
         self.registry = pc.CollectorRegistry()
         self.metrics: dict[str, Any] = {}
-        pc.start_http_server(port, registry=self.registry)
+        pc.start_http_server(port, addr=bind, registry=self.registry)
 
     def record(self, spec: Spec, value: float, tags: dict[str, str]) -> None:
         if tags.get("role") != "driver":
@@ -387,12 +388,13 @@ class _PromMirror:
             child.observe(value)
 
 
-def serve_driver_metrics(port: int | None) -> None:
-    """Start the driver's prometheus-client endpoint once (no-op for ``None`` or when already serving)."""
+def serve_driver_metrics(port: int | None, bind: str = "127.0.0.1") -> None:
+    """Start the driver's prometheus-client endpoint once (no-op for ``None`` or when already serving),
+    listening on ``bind`` only (127.0.0.1 unless ``observability.bind`` opens it)."""
     if port is None or _recorder.prom is not None:
         return
     try:
-        _recorder.prom = _PromMirror(port)
+        _recorder.prom = _PromMirror(port, bind)
     except OSError as e:
         log.warning(
             "observability.metrics_port=%d: cannot serve driver metrics (%s); pick a free port", port, e

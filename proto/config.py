@@ -523,6 +523,11 @@ class ObservabilityConfig(Section):
     tensorboard: bool = True
     report: bool = True
     metrics_port: int | None = Field(None, ge=1, le=65535, description="driver Prometheus port (None: off)")
+    bind: str = Field(
+        "127.0.0.1",
+        description="interface the driver's metrics port listens on; 0.0.0.0 exposes it to the network "
+        "(a Prometheus on another host)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

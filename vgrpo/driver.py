@@ -332,7 +332,7 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
                 if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
                     row.update(self.evaluate(roles))
                 self.run.append_metrics(row)
-                export_step(row, cfg.observability.metrics_port)  # Prometheus: core/metrics.py
+                export_step(row, cfg.observability.metrics_port, cfg.observability.bind)  # core/metrics.py
                 if self.tb is not None:
                     for k, v in row.items():
                         if k != "step" and isinstance(v, (int, float)):

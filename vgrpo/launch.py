@@ -85,4 +85,16 @@ def start_ray(cfg: RunConfig, address: str | None) -> bool:
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+    private_token_file()
     return True
+
+
+def private_token_file() -> None:
+    """Ray writes its cluster token (``~/.ray/auth_token``) readable by every local user; a token is a
+    password: keep it to its owner (0600)."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    try:
+        if path.is_file() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError as e:  # not ours to change (another user's home): say so, go on
+        log.warning("could not make %s private (%s); fix: chmod 600 %s", path, e, path)

@@ -1,0 +1,61 @@
+"""Hardening: least exposure (the driver's metrics port on 127.0.0.1 unless opened, a private Ray token)
+and the bounds of docs/training.md "Faults"."""
+
+from __future__ import annotations
+
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) listening on ``port``."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, p = local.split(":")
+        if int(p, 16) == port and state == "0A":  # LISTEN
+            out.add(addr)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads Linux's socket table")
+def test_the_driver_metrics_port_listens_on_loopback_by_default():
+    from vgrpo.core.metrics import _PromMirror
+
+    port = _free_port()
+    _PromMirror(port)  # observability.bind's default
+    assert _listening(port) == {"0100007F"}  # 127.0.0.1, not 0.0.0.0
+
+
+def test_the_ray_token_file_is_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from vgrpo.launch import private_token_file
+
+    token = tmp_path / "auth_token"
+    token.write_text("secret")
+    token.chmod(0o644)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    private_token_file()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    private_token_file()  # already private: nothing to do
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "absent"))
+    private_token_file()  # no token: nothing to do
+
+
+def test_an_empty_prompt_file_is_an_error(tmp_path: Path):
+    from vgrpo.evaluate import load_benchmark_rows, load_prompt_rows
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompt_rows(empty)
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_benchmark_rows(empty, "ocr")
