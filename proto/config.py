@@ -199,6 +199,12 @@ class RewardConfig(Section):
     )
     timeout_s: float = Field(120.0, gt=0, description="per request")
     retries: int = Field(2, ge=0, description="retries of a failed or timed-out reward request")
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="largest image a reward server or `vgrpo score` decodes (refused from its header)",
+    )
+    max_request_mb: float = Field(64.0, gt=0, description="largest POST /score body of `vgrpo serve-rewards`")
 
     @field_validator("weights")
     @classmethod
@@ -263,6 +269,7 @@ class VGRPOConfig(Section):
                 f"t_min = {self.t_min} >= t_max = {self.t_max}: the training times need a range; fix: t_min < t_max"
             )
         return self
+
     advantage: AdvantageConfig = Field(
         default_factory=lambda: AdvantageConfig(norm="group", clip=None, soft_clip=3.0)
     )
@@ -459,6 +466,7 @@ class LearnerConfig(Section):
         if not all(0.0 <= b < 1.0 for b in v):
             raise ValueError(f"betas = {list(v)}: each must be in [0, 1), e.g. [0.9, 0.999]")
         return v
+
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     cpus_per_rank: float = Field(0.5, ge=0)
     gpus_per_rank: float = Field(0.0, ge=0)

@@ -20,6 +20,7 @@ import io
 import json
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,37 @@ from PIL import Image
 
 class ImageFormatError(ValueError):
     """An array or a PNG that cannot be read as an image (wrong rank, unsupported channels, bad bytes)."""
+
+
+# Decoded images are capped (a 130 KB PNG can declare 10000 x 10000 pixels and take 7 GB to decode): the
+# size is read from the header and a larger image refused before any pixel is decoded.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class ImageTooLargeError(ImageFormatError):
+    """An image whose header declares more pixels than the cap (``max_pixels``)."""
+
+
+def open_checked(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """``Image.open`` (which reads only the header) and the pixel cap, before anything is decoded.
+    Pillow's own decompression-bomb guard sits above the cap (its warning at 89 M pixels, its error at
+    179 M): its error becomes this cap's, its warning is superseded by the check below."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(
+            f"{e}; over the cap of {max_pixels} pixels: fix: resize it, or raise reward.max_image_pixels"
+        ) from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageTooLargeError(
+            f"an image of {w} x {h} = {w * h} pixels is over the cap of {max_pixels} "
+            f"({int(max_pixels**0.5)}²); fix: resize it, or raise reward.max_image_pixels"
+        )
+    return im
 
 
 def to_uint8_rgb(image: Any) -> np.ndarray:
@@ -83,11 +115,12 @@ def encode_png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """PNG (or any format Pillow reads) bytes -> uint8 H x W x 3. 16-bit and float modes go through
-    `to_uint8_rgb` so that they are scaled, not clipped as Pillow's own `convert("RGB")` would."""
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """PNG (or any format Pillow reads) bytes -> uint8 H x W x 3, at most ``max_pixels`` pixels (refused
+    from the header, before decoding). 16-bit and float modes go through `to_uint8_rgb` so that they are
+    scaled, not clipped as Pillow's own `convert("RGB")` would."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_checked(io.BytesIO(data), max_pixels) as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L"):
                 return to_uint8_rgb(np.asarray(im).astype(np.uint16))
@@ -96,6 +129,8 @@ def decode_image(data: bytes) -> np.ndarray:
             if im.mode == "F":
                 return to_uint8_rgb(np.asarray(im, dtype=np.float32) / 255.0)
             return np.asarray(im.convert("RGB"))
+    except ImageFormatError:
+        raise
     except Image.UnidentifiedImageError:
         raise ImageFormatError(
             f"not an image Pillow can read (PNG expected; {len(data)} bytes starting {data[:8]!r})"

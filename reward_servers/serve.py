@@ -44,7 +44,12 @@ from vgrpo.proto.config import RewardConfig, RewardServerConfig
 from vgrpo.proto.messages import RewardScores
 from vgrpo.reward_servers import registry
 from vgrpo.reward_servers.base import Reward, ScoredItem
-from vgrpo.reward_servers.http_client import ImageFormatError, decode_image, to_uint8_rgb
+from vgrpo.reward_servers.http_client import (
+    MAX_IMAGE_PIXELS,
+    ImageFormatError,
+    decode_image,
+    to_uint8_rgb,
+)
 
 APP_PREFIX = "vgrpo-reward-"
 INGRESS_APP = "vgrpo-reward-ingress"
@@ -445,11 +450,11 @@ def _parse_items(body: Any) -> tuple[list[bytes], list[str], list[dict[str, Any]
     return pngs, prompts, metadata
 
 
-def _decode_all(pngs: list[bytes]) -> list[np.ndarray] | str:
+def _decode_all(pngs: list[bytes], max_pixels: int = MAX_IMAGE_PIXELS) -> list[np.ndarray] | str:
     images = []
     for i, raw in enumerate(pngs):
         try:
-            images.append(decode_image(raw))
+            images.append(decode_image(raw, max_pixels))
         except ImageFormatError as e:
             return f"items[{i}].image_b64 is {e}"
     return images
@@ -463,13 +468,20 @@ class RewardIngress:
     `GET /` describes what is served."""
 
     def __init__(
-        self, apps: dict[str, tuple[str, str]], weights: dict[str, float], timeout_s: float, retries: int
+        self,
+        apps: dict[str, tuple[str, str]],
+        weights: dict[str, float],
+        timeout_s: float,
+        retries: int,
+        max_request_bytes: int = 64 << 20,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.handles = {
             name: serve.get_deployment_handle(dep, app_name=app) for name, (app, dep) in apps.items()
         }
         self.weights = {name: float(weights.get(name, 1.0)) for name in apps}
         self.timeout_s, self.retries = timeout_s, retries
+        self.max_request_bytes, self.max_image_pixels = max_request_bytes, max_image_pixels
 
     async def __call__(self, request: Request) -> JSONResponse:
         path = request.url.path.rstrip("/")
@@ -481,15 +493,25 @@ class RewardIngress:
             return _bad(f"no route {request.url.path}; POST /score", 404)
         if request.method != "POST":
             return _bad(f"{request.method} /score: use POST", 405)
+        cap = self.max_request_bytes
+        too_big = f"the body is over reward.max_request_mb ({cap >> 20} MiB); send fewer items per request"
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            return _bad(f"{too_big} (content-length {declared})", 413)
+        raw = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a lying or absent length stops here
+            raw.extend(chunk)
+            if len(raw) > cap:
+                return _bad(too_big, 413)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(bytes(raw))
         except (ValueError, UnicodeDecodeError) as e:
             return _bad(f"the body is not JSON ({e})")
         parsed = _parse_items(body)
         if isinstance(parsed, str):
             return _bad(parsed)
         pngs, prompts, metadata = parsed
-        images = await asyncio.to_thread(_decode_all, pngs)
+        images = await asyncio.to_thread(_decode_all, pngs, self.max_image_pixels)
         if isinstance(images, str):
             return _bad(images)
         outcomes = await _score_items(self.handles, images, prompts, metadata, self.timeout_s, self.retries)
@@ -673,7 +695,12 @@ def deploy_rewards(
         apps[name] = (app_name(name), options[name]["name"])
     if http:
         ingress = _as_any(RewardIngress).bind(
-            apps, dict(reward_cfg.weights), reward_cfg.timeout_s, reward_cfg.retries
+            apps,
+            dict(reward_cfg.weights),
+            reward_cfg.timeout_s,
+            reward_cfg.retries,
+            int(reward_cfg.max_request_mb * (1 << 20)),
+            reward_cfg.max_image_pixels,
         )
         targets.append(
             serve.RunTarget(target=ingress, name=INGRESS_APP, route_prefix="/", logging_config=logs)

@@ -56,3 +56,23 @@ def policy(world):
 
     torch.manual_seed(0)
     return ToyPolicy(pretrained_model(world, steps=300))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A few hundred bytes of PNG that declare width x height pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def png_header():
+    """``png_header(w, h)``: PNG bytes whose header declares w x h pixels."""
+    return _png_header

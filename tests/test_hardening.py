@@ -59,3 +59,36 @@ def test_an_empty_prompt_file_is_an_error(tmp_path: Path):
         load_prompt_rows(empty)
     with pytest.raises(ValueError, match="holds no prompts"):
         load_benchmark_rows(empty, "ocr")
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path: Path, png_header):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vgrpo.reward_servers.http_client import ImageTooLargeError, decode_image, encode_png
+    from vgrpo.score import score_manifest
+
+    bomb = png_header(10000, 10000)
+    with pytest.raises(ImageTooLargeError, match="10000 x 10000"):
+        decode_image(bomb)
+    with pytest.raises(ImageTooLargeError, match="over the cap"):  # above Pillow's own guard too
+        decode_image(png_header(20000, 20000))
+    small = encode_png(np.zeros((8, 8, 3), np.uint8))
+    assert decode_image(small, max_pixels=64).shape == (8, 8, 3)
+    with pytest.raises(ImageTooLargeError, match="8 x 8 = 64 pixels is over the cap of 63"):
+        decode_image(small, max_pixels=63)
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "ok.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        json.dumps({"image": "bomb.png", "prompt": "a photo of a circle"})
+        + "\n"
+        + json.dumps({"image": "ok.png", "prompt": "a photo of a circle"})
+        + "\n"
+    )
+    out = tmp_path / "out.jsonl"
+    assert score_manifest(["shapes"], manifest, out) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "over the cap" in rows[0]["error"] and "score" in rows[1]

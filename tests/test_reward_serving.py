@@ -99,6 +99,7 @@ def served(ray_cluster: dict[str, Any]) -> Any:
         },
         timeout_s=30,
         retries=3,
+        max_request_mb=1.0,
     )
     handles = rs.deploy_rewards(cfg, http=True, port=port, quiet=True)
     try:
@@ -245,3 +246,13 @@ def test_http_ingress_answers_the_wire_format(served: Any) -> None:
         assert status == 400 and says in reply["error"], (body, reply)
     status, reply = _post(url, json.dumps({"items": [{"image_b64": b64, "prompt": prompts[0]}]}).encode())
     assert status == 200 and reply["results"][0]["rewards"]["shapes"] == want_shapes[0]
+
+
+def test_the_ingress_bounds_bodies_and_images(served: Any, png_header: Any) -> None:
+    _, _, _, url = served
+    big = json.dumps({"items": [{"image_b64": "A" * (1 << 20), "prompt": "x"}]}).encode()
+    status, reply = _post(url, big)
+    assert status == 413 and "max_request_mb" in reply["error"]
+    bomb = base64.b64encode(png_header(10000, 10000)).decode()
+    status, reply = _post(url, json.dumps({"items": [{"image_b64": bomb, "prompt": "x"}]}).encode())
+    assert status == 400 and "10000 x 10000" in reply["error"] and "cap" in reply["error"]

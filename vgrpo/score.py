@@ -11,16 +11,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from PIL import Image
 
 from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.reward_servers.http_client import MAX_IMAGE_PIXELS, open_checked
 from vgrpo.reward_servers.registry import UnknownRewardError, get_reward
 
 BATCH = 64  # images held in memory at once
+BATCH_PIXELS = 64 * 1024 * 1024  # and at most this many pixels (~200 MB of uint8 RGB): a flush comes first
 
 
-def _load_image(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
+def _load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    with open_checked(path, max_pixels) as im:  # the pixel cap from the header, before decoding
         return np.asarray(im.convert("RGB"))
 
 
@@ -125,7 +126,8 @@ def score_manifest(
             else:
                 order.append(None)
                 pending.append((row, image))
-                if len(pending) >= BATCH:
+                held = sum(int(im.shape[0]) * int(im.shape[1]) for _, im in pending)
+                if len(pending) >= BATCH or held >= BATCH_PIXELS:
                     flush()
         flush()
     finally:
