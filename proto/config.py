@@ -700,6 +700,21 @@ def _default_at(loc: tuple[Any, ...]) -> Any:
         return None
 
 
+# what makes a run the run it is: a resume may change capacity (workers, ranks, batch sizes), never these
+IDENTITY_KEYS = ("model.path", "model.lora", "algorithm.name", "train.seed")
+
+
+def identity(cfg: RunConfig) -> dict[str, Any]:
+    """The run's identity keys and their values (JSON), as a checkpoint records them."""
+    out: dict[str, Any] = {}
+    for key in IDENTITY_KEYS:
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        out[key] = node.model_dump(mode="json") if isinstance(node, BaseModel) else node
+    return out
+
+
 # keys that were renamed: the old name still loads, with a message naming the new one
 RENAMED_KEYS = {
     "algorithm.vgrpo.clip_eps": "algorithm.vgrpo.clip_range",

@@ -92,3 +92,35 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path: Path, 
     assert score_manifest(["shapes"], manifest, out) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert "over the cap" in rows[0]["error"] and "score" in rows[1]
+
+
+def test_a_run_directory_that_holds_a_run_is_refused_or_overwritten(tmp_path: Path):
+    """No Ray starts: the refusal comes before anything runs, and the old run is left as it was."""
+    import json
+
+    from vgrpo.driver import train
+    from vgrpo.proto.config import identity, load_config
+    from vgrpo.roles import TrainingError
+    from vgrpo.run_dir import RunDir
+
+    run = tmp_path / "run"
+    RunDir(run).append_metrics({"step": 1, "reward_mean": 0.5})
+    (run / "config.yaml").write_text("old: config\n")
+    with pytest.raises(
+        TrainingError, match=r"already holds a run \(metrics.jsonl has 1 step\(s\)\).*--resume"
+    ):
+        train(load_config(None), run)
+    assert (run / "config.yaml").read_text() == "old: config\n"
+    assert json.loads((run / "metrics.jsonl").read_text())["step"] == 1
+
+    # --resume with an edited config.yaml that changes the run's identity is refused, naming the key
+    ckpt = run / "checkpoints" / "step_1"
+    ckpt.mkdir(parents=True)
+    recorded = identity(load_config(None))
+    (ckpt / "driver_state.json").write_text(json.dumps({"step": 1, "identity": recorded}))
+    with pytest.raises(TrainingError, match=r"algorithm\.name = 'dgpo'.*trained with 'vgrpo'"):
+        train(load_config(None, ["algorithm.name=dgpo"]), run, resume=True)
+
+    # --overwrite deletes what the run wrote (here checked without starting Ray)
+    RunDir(run).clear()
+    assert RunDir(run).holds_a_run() is None and not (run / "metrics.jsonl").exists()

@@ -9,7 +9,7 @@ from typing import NoReturn
 
 import typer
 
-from vgrpo.proto.config import ConfigError, RunConfig, dump_config, load_config
+from vgrpo.proto.config import IDENTITY_KEYS, ConfigError, RunConfig, dump_config, load_config
 
 app = typer.Typer(
     name="vgrpo",
@@ -289,9 +289,6 @@ def export_cmd(
     typer.echo(f"exported step {step} ({kind}) to {out}; load with {how}")
 
 
-IDENTITY_KEYS = ("model.path", "model.lora", "algorithm.name", "train.seed")
-
-
 def _resume_config(run_dir: Path, sets: list[str] | None) -> RunConfig:
     """The run's own config.yaml with --set applied; a change of the run's identity is refused."""
     stored = run_dir / "config.yaml"
@@ -323,6 +320,9 @@ def train_cmd(
     resume: bool = typer.Option(
         False, "--resume", help="continue the run in --run-dir from its last checkpoint"
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="start over in a --run-dir that holds a run (its files are deleted)"
+    ),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
@@ -342,6 +342,8 @@ def train_cmd(
 
     if resources is not None and not dry_run:
         fail("--resources describes a cluster for --dry-run; fix: add --dry-run (or drop --resources)")
+    if resume and overwrite:
+        fail("--resume continues the run in --run-dir, --overwrite deletes it; fix: choose one")
     if resume:
         if run_dir is None:
             fail("--resume needs --run-dir DIR (the run to continue)")
@@ -376,7 +378,7 @@ def train_cmd(
     install_stop_handlers()
 
     try:
-        last = train(cfg, run_dir, address=address, resume=resume)
+        last = train(cfg, run_dir, address=address, resume=resume, overwrite=overwrite)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except TrainingError as e:

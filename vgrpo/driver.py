@@ -365,8 +365,12 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         return step
 
 
-def train(cfg: RunConfig, run_dir: Path, address: str | None = None, resume: bool = False) -> int:
-    """Run the loop; returns the last completed step. Raises TrainingError / KeyboardInterrupt."""
+def train(
+    cfg: RunConfig, run_dir: Path, address: str | None = None, resume: bool = False, overwrite: bool = False
+) -> int:
+    """Run the loop; returns the last completed step. Raises TrainingError / KeyboardInterrupt. A run
+    directory that holds a run is refused unless ``resume`` (continue it, with its identity unchanged)
+    or ``overwrite`` (delete it and start over)."""
     if address or os.environ.get("RAY_ADDRESS"):
         # Ray reads RAY_AUTH_MODE once, when it is first imported: set it before that import (measured: set
         # after `import ray`, a token-auth head refuses the client with "RAY_AUTH_MODE is 'disabled'")
@@ -377,6 +381,15 @@ def train(cfg: RunConfig, run_dir: Path, address: str | None = None, resume: boo
 
     resolve_model_path(cfg.model.path)  # a missing model fails before any Ray session starts
     run = RunDir(run_dir)
+    if resume:
+        run.check_identity(cfg)
+    elif (held := run.holds_a_run()) is not None:
+        if not overwrite:
+            raise TrainingError(
+                f"{run_dir} already holds a run ({held}); fix: `vgrpo train --run-dir {run_dir} --resume` "
+                "continues it, --overwrite starts it over, or choose another --run-dir"
+            )
+        run.clear()
     run.write_config(cfg)
     trainer = Trainer(cfg, run)  # reads the prompt file: a bad one fails before Ray starts
     started = start_ray(cfg, address)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from vgrpo.proto.config import RunConfig, dump_config
+from vgrpo.proto.config import RunConfig, dump_config, identity
 from vgrpo.proto.messages import WeightUpdate
-from vgrpo.roles import Roles
+from vgrpo.roles import Roles, TrainingError
 
 log = logging.getLogger("vgrpo")
 
@@ -35,6 +35,44 @@ class RunDir:
         self.checkpoints.mkdir(exist_ok=True)
         self.samples.mkdir(exist_ok=True)
         self.metrics_path = root / "metrics.jsonl"
+
+    def holds_a_run(self) -> str | None:
+        """What shows that a run was made here (None for a fresh or empty directory)."""
+        if self.metrics_path.is_file() and self.metrics_path.stat().st_size > 0:
+            n = sum(1 for line in self.metrics_path.read_text().splitlines() if line.strip())
+            return f"metrics.jsonl has {n} step(s)"
+        steps = sorted(p.name for p in self.checkpoints.iterdir() if p.name.startswith(("step_", ".step_")))
+        if steps:
+            return f"checkpoints/ holds {', '.join(steps[:3])}"
+        return None
+
+    def clear(self) -> None:
+        """Delete what a run wrote here (``--overwrite``), keeping the directory itself."""
+        for name in ("metrics.jsonl", "config.yaml", "report.html"):
+            (self.root / name).unlink(missing_ok=True)
+        for folder in (self.checkpoints, self.samples, self.root / "tb"):
+            shutil.rmtree(folder, ignore_errors=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        self.samples.mkdir(exist_ok=True)
+
+    def check_identity(self, cfg: RunConfig) -> None:
+        """A resume whose configuration changes the run's identity (``proto.config.IDENTITY_KEYS``)
+        against the newest checkpoint's record is refused, naming the key."""
+        ckpts = self.checkpoint_dirs()
+        if not ckpts:
+            return
+        step, path = ckpts[-1]
+        recorded = json.loads((path / "driver_state.json").read_text()).get("identity")
+        if recorded is None:  # a checkpoint written before identities were recorded
+            return
+        now = identity(cfg)
+        for key, value in recorded.items():
+            if key in now and now[key] != value:
+                raise TrainingError(
+                    f"--resume: {self.root / 'config.yaml'} says {key} = {now[key]!r}, but checkpoint step "
+                    f"{step} was trained with {value!r}; fix: set {key} back to {value!r}, or start a new "
+                    "run with another --run-dir"
+                )
 
     def write_config(self, cfg: RunConfig) -> None:
         tmp = self.root / "config.yaml.tmp"
@@ -138,6 +176,7 @@ class Checkpointing:
             "data": self.source.state(),
             "python_random": repr(random.getstate()),
             "time": time.time(),
+            "identity": identity(self.cfg),
         }
         (tmp / "driver_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
