@@ -124,3 +124,13 @@ def test_a_run_directory_that_holds_a_run_is_refused_or_overwritten(tmp_path: Pa
     # --overwrite deletes what the run wrote (here checked without starting Ray)
     RunDir(run).clear()
     assert RunDir(run).holds_a_run() is None and not (run / "metrics.jsonl").exists()
+
+
+def test_non_finite_weights_are_named():
+    import torch
+
+    from vgrpo.run_dir import non_finite
+
+    ok = {"a": torch.zeros(2), "b": torch.ones(3)}
+    assert non_finite(ok) == []
+    assert non_finite({**ok, "c": torch.tensor([1.0, float("nan")])}) == ["c"]

@@ -119,6 +119,13 @@ def image_grid(images_bhwc: np.ndarray, columns: int) -> np.ndarray:
     return grid
 
 
+def non_finite(state: dict[str, Any]) -> list[str]:
+    """The names of the tensors of ``state`` that hold NaN or inf."""
+    import torch
+
+    return [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+
+
 class Checkpointing:
     cfg: RunConfig
     run: RunDir
@@ -156,6 +163,14 @@ class Checkpointing:
         from vgrpo.learner.engine import save_policy_weights
 
         final = self.run.checkpoints / f"step_{step}"
+        weights = self.current_weights(roles, step)
+        broken = non_finite(weights)
+        if broken:  # never written: the previous checkpoint stays the newest, and resumable
+            raise TrainingError(
+                f"step {step}: {len(broken)} trained tensor(s) hold NaN or inf (e.g. {broken[0]}); not "
+                "checkpointed, the last checkpoint is kept; fix: lower learner.lr or learner.grad_clip, "
+                "then --resume"
+            )
         tmp = self.run.checkpoints / f".step_{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -166,7 +181,7 @@ class Checkpointing:
             "checkpoint",
             step,
         )
-        save_policy_weights(self.current_weights(roles, step), tmp / "policy.safetensors", step, lora)
+        save_policy_weights(weights, tmp / "policy.safetensors", step, lora)
         if self.cfg.train.ema is not None:  # what `vgrpo eval` and `vgrpo export` use for this step
             ema = self.ema_weights(roles, step)
             save_policy_weights(ema, tmp / "ema.safetensors", step, lora)
