@@ -134,3 +134,16 @@ def test_non_finite_weights_are_named():
     ok = {"a": torch.zeros(2), "b": torch.ones(3)}
     assert non_finite(ok) == []
     assert non_finite({**ok, "c": torch.tensor([1.0, float("nan")])}) == ["c"]
+
+
+def test_an_unreachable_address_fails_fast_naming_it():
+    from vgrpo.launch import ClusterUnreachable, check_reachable
+
+    port = _free_port()  # nothing listens there
+    with pytest.raises(ClusterUnreachable, match=rf"--address 127\.0\.0\.1:{port}: nothing answers"):
+        check_reachable(f"127.0.0.1:{port}", timeout_s=2.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_reachable(f"127.0.0.1:{s.getsockname()[1]}", timeout_s=2.0)  # a listener answers
+    check_reachable("auto")  # left to Ray

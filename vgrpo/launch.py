@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from vgrpo.proto.config import RunConfig
+from vgrpo.roles import TrainingError
 
 log = logging.getLogger("vgrpo")
 
@@ -58,6 +60,40 @@ def enable_token_auth_if_available() -> bool:
     return False
 
 
+CONNECT_TIMEOUT_S = 30.0  # to reach a cluster's head before Ray's own retries (which go on for minutes)
+
+
+class ClusterUnreachable(TrainingError):
+    """``--address`` names a head that does not answer."""
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """A TCP connect to the head's ``host:port`` (or a ``ray://`` client server's), retried until
+    ``timeout_s``; raises ClusterUnreachable naming the address. ``auto`` and addresses without a port
+    are left to Ray."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            last = str(e)
+        if time.monotonic() >= deadline:
+            raise ClusterUnreachable(
+                f"--address {address}: nothing answers at {host}:{port} within {timeout_s:.0f} s ({last}); "
+                "fix: start the head (`ray start --head`), check `ray status` there, or drop --address to "
+                "use an embedded local cluster"
+            )
+        time.sleep(1.0)
+
+
 def start_ray(cfg: RunConfig, address: str | None) -> bool:
     """Join ``address`` (or RAY_ADDRESS) if given, else start an embedded local Ray. Returns whether this
     process started the cluster (and so must stop it)."""
@@ -74,6 +110,7 @@ def start_ray(cfg: RunConfig, address: str | None) -> bool:
         }
     }
     if address:  # RAY_AUTH_MODE was settled before `import ray` (train)
+        check_reachable(address)
         ray.init(address=address, runtime_env=env, log_to_driver=cfg.observability.log_level == "DEBUG")
         return False
     ray.init(

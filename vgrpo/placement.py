@@ -215,8 +215,9 @@ def local_cluster(cfg: RunConfig) -> list[Resources]:
 
 def cluster_from_address(address: str) -> list[Resources]:
     """The total resources of each alive node of a running cluster (joins it as a client; starts no actor)."""
-    from vgrpo.launch import enable_token_auth_if_available
+    from vgrpo.launch import check_reachable, enable_token_auth_if_available
 
+    check_reachable(address)
     enable_token_auth_if_available()  # before `import ray`: Ray reads RAY_AUTH_MODE when imported
     import ray
 
