@@ -147,3 +147,30 @@ def test_an_unreachable_address_fails_fast_naming_it():
         s.listen()
         check_reachable(f"127.0.0.1:{s.getsockname()[1]}", timeout_s=2.0)  # a listener answers
     check_reachable("auto")  # left to Ray
+
+
+def test_prompt_files_are_checked_line_by_line_before_anything_starts(tmp_path: Path):
+    from vgrpo.driver import Trainer
+    from vgrpo.evaluate import load_prompt_rows
+    from vgrpo.proto.config import load_config
+    from vgrpo.roles import TrainingError
+    from vgrpo.run_dir import RunDir
+
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "a photo of a circle"}\n{"text": "no prompt here"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl line 2 has no string 'prompt'"):
+        load_prompt_rows(rows)
+    rows.write_text('{"prompt": "a photo of a circle"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"line 2 is not JSON"):
+        load_prompt_rows(rows)
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_prompt_rows(binary)
+    txt = tmp_path / "t.txt"
+    txt.write_text("a photo of a circle\na photo of a hexagon\n")
+    with pytest.raises(ValueError, match=r"t\.txt line 2.*hexagon"):
+        load_prompt_rows(txt)  # strict (evaluation)
+    cfg = load_config(None, [f"data.train_prompts={txt}"])
+    with pytest.raises(TrainingError, match=r"prompt 2 \('a photo of a hexagon'\) is outside the shapes"):
+        Trainer(cfg, RunDir(tmp_path / "run"))

@@ -108,6 +108,16 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
                 from vgrpo.reward_servers.ocr import validate_prompts
 
                 validate_prompts([row["prompt"] for row in self.source.rows])
+            if "shapes" in cfg.reward.weights:  # so does a prompt the shapes reward cannot parse
+                from vgrpo.reward_servers.shapes.grammar import parse_prompt
+
+                for n, row in enumerate(self.source.rows, start=1):
+                    try:
+                        parse_prompt(row["prompt"])
+                    except ValueError as e:
+                        raise ValueError(
+                            f"prompt {n} ({row['prompt']!r}) is outside the shapes grammar: {e}"
+                        ) from None
         except (ValueError, OSError) as e:
             raise TrainingError(f"data.train_prompts = {cfg.data.train_prompts!r}: {e}") from None
         if cfg.train.eval_every:  # a bad held-out file fails now, not at the first evaluation

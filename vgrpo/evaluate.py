@@ -44,17 +44,32 @@ def load_prompt_rows(
             raise FileNotFoundError(
                 f"prompt file {text!r} does not exist; fix: give a .jsonl/.txt file or builtin:shapes/heldout"
             )
+        try:
+            lines = path.read_text().splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"prompt file {text!r} is not UTF-8 text") from None
+        numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
         if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = []
+            for n, line in numbered:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                    raise ValueError(
+                        f"{path} line {n} has no string 'prompt'; fix: one object a line with it"
+                    )
+                rows.append(row)
         else:
-            rows = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
-        for row in rows:
+            rows = [{"prompt": line.strip()} for _, line in numbered]
+        for (n, _), row in zip(numbered, rows, strict=True):
             if "tag" not in row:
                 try:
                     row["tag"] = _family_of(parse_prompt, row["prompt"])
-                except PromptError:
+                except PromptError as e:
                     if strict:
-                        raise
+                        raise PromptError(f"{path} line {n}: {e}") from None
     if not rows:
         raise ValueError(f"prompt file {text!r} holds no prompts; fix: give a file with one prompt a line")
     return rows[:max_prompts] if max_prompts else rows
