@@ -174,3 +174,17 @@ def test_prompt_files_are_checked_line_by_line_before_anything_starts(tmp_path: 
     cfg = load_config(None, [f"data.train_prompts={txt}"])
     with pytest.raises(TrainingError, match=r"prompt 2 \('a photo of a hexagon'\) is outside the shapes"):
         Trainer(cfg, RunDir(tmp_path / "run"))
+
+
+def test_an_unwritable_out_fails_before_the_work(tmp_path: Path):
+    """A path under a regular file cannot be written, even by root: refused before any evaluation."""
+    from typer.testing import CliRunner
+
+    from vgrpo.cli import app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = CliRunner().invoke(app, ["eval", "--model", "builtin:tiny-sd3", "--out", str(blocker / "r.json")])
+    assert r.exit_code != 0 and "--out" in r.output and "cannot write there" in r.output, r.output
+    r = CliRunner().invoke(app, ["export", "--run-dir", str(tmp_path), "--out", str(blocker / "x")])
+    assert r.exit_code != 0 and "cannot write there" in r.output, r.output

@@ -164,6 +164,9 @@ def eval_cmd(
 
     if benchmark not in ("shapes", "geneval", "ocr", "pickscore"):
         fail(f"--benchmark {benchmark!r} is not available; fix: shapes, geneval, ocr or pickscore")
+    for flag, path in (("--out", out), ("--grid", grid)):  # before the evaluation, not after it
+        if path is not None:
+            check_writable(path, flag)
     reward_model = None
     if benchmark != "shapes":
         from vgrpo.evaluate import load_benchmark_rows
@@ -252,6 +255,18 @@ def eval_cmd(
         typer.echo(f"wrote {out}")
 
 
+def check_writable(path: Path, flag: str) -> None:
+    """``path`` can be written (its folder made, a probe file created and removed), or fail naming it."""
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".vgrpo-probe-"):
+            pass
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write there ({e.strerror or e}); fix: choose a writable path")
+
+
 @app.command("score")
 def score_cmd(
     reward: str = typer.Option(
@@ -280,6 +295,8 @@ def export_cmd(
 ) -> None:
     """Export a run's policy for diffusers: LoRA weights (pipe.load_lora_weights) or a merged pipeline."""
     from vgrpo.checkpoints import RunDirError, export_policy
+
+    check_writable(out / "model_index.json", "--out")  # before loading the pipeline
 
     try:
         step, kind = export_policy(run_dir, step, out, merge)
