@@ -188,3 +188,67 @@ def test_an_unwritable_out_fails_before_the_work(tmp_path: Path):
     assert r.exit_code != 0 and "--out" in r.output and "cannot write there" in r.output, r.output
     r = CliRunner().invoke(app, ["export", "--run-dir", str(tmp_path), "--out", str(blocker / "x")])
     assert r.exit_code != 0 and "cannot write there" in r.output, r.output
+
+
+def _checkpoint(folder: Path, step: int, value: float) -> Path:
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from vgrpo.checkpoints import write_manifest
+
+    ckpt = folder / "checkpoints" / f"step_{step}"
+    (ckpt / "learner").mkdir(parents=True)
+    save_file({"w": torch.full((64,), value)}, str(ckpt / "policy.safetensors"))
+    (ckpt / "learner" / "shard.bin").write_bytes(b"x" * 1000)
+    (ckpt / "driver_state.json").write_text(json.dumps({"step": step}))
+    write_manifest(ckpt)
+    return ckpt
+
+
+def test_checkpoints_heal_to_the_newest_complete_one(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    import logging
+
+    from vgrpo.checkpoints import (
+        RunDirError,
+        checkpoint_problem,
+        checkpoint_steps,
+        newest_usable,
+        policy_weights,
+    )
+
+    run = tmp_path / "run"
+    _checkpoint(run, 2, 2.0)
+    newest = _checkpoint(run, 4, 4.0)
+    assert checkpoint_steps(run) == [2, 4] and checkpoint_problem(newest, hashes=True) is None
+    shard = newest / "learner" / "shard.bin"
+    shard.write_bytes(b"x" * 10)  # truncated
+    assert "shard.bin has 10 bytes" in str(checkpoint_problem(newest))
+    log = logging.getLogger("vgrpo.test")
+    with caplog.at_level(logging.WARNING, logger="vgrpo.test"):
+        assert newest_usable(run / "checkpoints", log) == (2, run / "checkpoints" / "step_2")
+    assert "skipping checkpoint step 4" in caplog.text and "shard.bin" in caplog.text
+    shard.write_bytes(b"y" * 1000)  # the right size, other bytes: only the sha256 tells
+    assert checkpoint_problem(newest) is None and "sha256" in str(checkpoint_problem(newest, hashes=True))
+    with pytest.warns(UserWarning, match="skipping checkpoint step 4"):
+        step, weights = policy_weights(run, None)  # eval and export: the same rule as resume
+    assert step == 2 and weights is not None and float(weights["w"][0]) == 2.0
+    with pytest.raises(RunDirError, match=r"step 4 cannot be used.*sha256"):
+        policy_weights(run, 4)
+    (newest / "driver_state.json").write_text('{"step": 4')  # torn
+    assert "driver_state.json is unreadable" in str(checkpoint_problem(newest))
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path: Path):
+    import json
+
+    from vgrpo.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    for step in (1, 2, 3):
+        run.append_metrics({"step": step})
+    with run.metrics_path.open("a") as f:
+        f.write('{"step": 4, "rew')  # a stop in the middle of a write
+    run.truncate_metrics(2)
+    assert [json.loads(x)["step"] for x in run.metrics_path.read_text().splitlines()] == [1, 2]

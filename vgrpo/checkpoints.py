@@ -3,7 +3,11 @@ a diffusers pipeline for evaluation and export."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +29,91 @@ def run_config(run_dir: Path) -> RunConfig:
     return load_config(path)
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps with a complete checkpoint (its driver_state.json written last), ascending."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
+MANIFEST = "manifest.json"  # written last into a checkpoint: every file's size and sha256
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of a checkpoint folder (size, sha256) in ``manifest.json``, written last and
+    atomically: a checkpoint is complete exactly when its manifest says so."""
+    files = {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+    }
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def checkpoint_problem(folder: Path, hashes: bool = False) -> str | None:
+    """Why the checkpoint ``folder`` cannot be used (None: it can): no manifest or driver state, a file
+    missing, of another size, or (``hashes``) with other contents than its manifest records. A folder
+    written before manifests existed is judged by its driver_state.json and policy.safetensors."""
+    for name in ("driver_state.json", "policy.safetensors"):
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    try:
+        json.loads((folder / "driver_state.json").read_text())
+    except (ValueError, OSError) as e:
+        return f"driver_state.json is unreadable ({e})"
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None if not any(folder.glob("*.tmp")) else "it was being written (a .tmp file is left)"
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, OSError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for rel, want in files.items():
+        f = folder / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, its manifest {want['bytes']} (truncated?)"
+        if hashes and _sha256(f) != want["sha256"]:
+            return f"{rel} does not match its manifest's sha256 (changed or corrupt)"
+    return None
+
+
+def checkpoint_folders(checkpoints: Path) -> list[tuple[int, Path]]:
+    """``step_N`` folders of a run, ascending by step (complete or not)."""
+    if not checkpoints.is_dir():
         return []
-    steps = []
-    for p in folder.iterdir():
+    out = []
+    for p in checkpoints.iterdir():
         m = re.fullmatch(r"step_(\d+)", p.name)
-        if m and (p / "policy.safetensors").is_file() and (p / "driver_state.json").is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def newest_usable(checkpoints: Path, log: Any = None) -> tuple[int, Path] | None:
+    """The newest checkpoint whose every file matches its manifest (sha256 checked); each newer one
+    skipped is named with the reason (``log``: a logger, else ``warnings``)."""
+    for step, path in reversed(checkpoint_folders(checkpoints)):
+        problem = checkpoint_problem(path, hashes=True)
+        if problem is None:
+            return step, path
+        message = f"skipping checkpoint step {step} ({path}): {problem}"
+        if log is not None:
+            log.warning(message)
+        else:
+            warnings.warn(message, stacklevel=2)
+    return None
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps with a complete checkpoint (every file as its manifest records, by size), ascending."""
+    return [
+        step for step, path in checkpoint_folders(run_dir / "checkpoints") if checkpoint_problem(path) is None
+    ]
 
 
 def policy_weights(
@@ -48,18 +126,21 @@ def policy_weights(
 
     if step == 0:
         return 0, None
-    steps = checkpoint_steps(run_dir)
-    if not steps:
-        raise RunDirError(
-            f"{run_dir} has no complete checkpoint; fix: --step 0 evaluates the starting policy"
-        )
     if step is None:
-        step = steps[-1]
-    if step not in steps:
-        raise RunDirError(
-            f"{run_dir} has no checkpoint of step {step}; available: {steps} (and 0, the start)"
-        )
-    folder = run_dir / "checkpoints" / f"step_{step}"
+        found = newest_usable(run_dir / "checkpoints")  # the newest whose files match their manifest
+        if found is None:
+            raise RunDirError(
+                f"{run_dir} has no complete checkpoint; fix: --step 0 evaluates the starting policy"
+            )
+        step, folder = found
+    else:
+        folder = run_dir / "checkpoints" / f"step_{step}"
+        problem = checkpoint_problem(folder, hashes=True) if folder.is_dir() else "it does not exist"
+        if problem is not None:
+            raise RunDirError(
+                f"{run_dir}: checkpoint step {step} cannot be used ({problem}); complete ones: "
+                f"{checkpoint_steps(run_dir)} (and 0, the start)"
+            )
     if ema and (folder / "ema.safetensors").is_file():
         return step, load_file(str(folder / "ema.safetensors"))
     return step, load_file(str(folder / "policy.safetensors"))

@@ -4,6 +4,7 @@ samples/, tb/, report.html (`RunDir`), and writing / restoring checkpoints and s
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from vgrpo.checkpoints import checkpoint_folders, checkpoint_problem, newest_usable, write_manifest
 from vgrpo.proto.config import RunConfig, dump_config, identity
 from vgrpo.proto.messages import WeightUpdate
 from vgrpo.roles import Roles, TrainingError
@@ -86,27 +88,42 @@ class RunDir:
             os.fsync(f.fileno())
 
     def truncate_metrics(self, last_step: int) -> None:
-        """Keep metric lines of steps <= last_step only (a resumed run continues with no duplicate)."""
+        """Keep metric lines of steps <= last_step only (a resumed run continues with no duplicate); a
+        line that is not JSON (torn by a crash mid-write) is dropped and named."""
         if not self.metrics_path.exists():
             return
-        keep = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step
-        ]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for n, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                log.warning("metrics.jsonl line %d is not JSON (torn by a stop mid-write): dropped", n)
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= last_step:
+                keep.append(line)
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics_path)
 
     def checkpoint_dirs(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints, oldest first (a complete one has driver_state.json; partial ones are
-        written under a .tmp name and never match)."""
+        """Complete checkpoints, oldest first: every file as its manifest records (by size; partial
+        ones are written under a .tmp name and never match)."""
         out = []
-        for p in self.checkpoints.iterdir():
-            if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
-                if (p / "driver_state.json").is_file():
-                    out.append((int(p.name[5:]), p))
-                else:
-                    log.warning("skipping incomplete checkpoint %s", p)
-        return sorted(out)
+        for step, p in checkpoint_folders(self.checkpoints):
+            problem = checkpoint_problem(p)
+            if problem is None:
+                out.append((step, p))
+            else:
+                log.warning("skipping checkpoint step %d (%s): %s", step, p, problem)
+        return out
+
+    def clean_orphans(self) -> None:
+        """Remove ``.step_N.tmp`` folders a stopped or crashed checkpoint left behind."""
+        for p in self.checkpoints.glob(".step_*.tmp"):
+            log.warning("removing %s, a checkpoint that was never completed", p)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def image_grid(images_bhwc: np.ndarray, columns: int) -> np.ndarray:
@@ -159,9 +176,7 @@ class Checkpointing:
 
     def checkpoint(self, roles: Roles, step: int) -> Path:
         """checkpoints/step_N/: learner shards (DeepSpeed), policy.safetensors, driver_state.json. Written
-        under a .tmp name and renamed when complete."""
-        from vgrpo.learner.engine import save_policy_weights
-
+        under a .tmp name, its manifest last, and renamed when complete."""
         final = self.run.checkpoints / f"step_{step}"
         weights = self.current_weights(roles, step)
         broken = non_finite(weights)
@@ -172,6 +187,28 @@ class Checkpointing:
                 "then --resume"
             )
         tmp = self.run.checkpoints / f".step_{step}.tmp"
+        try:
+            self._write_checkpoint(roles, step, weights, tmp, final)
+        except (OSError, TrainingError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint left behind
+            full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e)
+            if not full:
+                raise
+            kept = self.run.checkpoint_dirs()
+            where = f"step {kept[-1][0]}" if kept else "none yet"
+            raise TrainingError(
+                f"no space left on {self.run.checkpoints} while writing checkpoint step {step}; the last "
+                f"complete checkpoint ({where}) is kept; fix: free space, then `vgrpo train --run-dir "
+                f"{self.run.root} --resume`"
+            ) from None
+        for old_step, path in self.run.checkpoint_dirs()[: -self.cfg.train.keep_checkpoints]:
+            if old_step != step:
+                shutil.rmtree(path, ignore_errors=True)
+        return final
+
+    def _write_checkpoint(self, roles: Roles, step: int, weights: Any, tmp: Path, final: Path) -> None:
+        from vgrpo.learner.engine import save_policy_weights
+
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         lora = self.cfg.model.lora is not None
@@ -194,19 +231,17 @@ class Checkpointing:
             "identity": identity(self.cfg),
         }
         (tmp / "driver_state.json").write_text(json.dumps(state))
+        write_manifest(tmp)  # last: the checkpoint is complete once its manifest is there
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old_step, path in self.run.checkpoint_dirs()[: -self.cfg.train.keep_checkpoints]:
-            if old_step != step:
-                shutil.rmtree(path, ignore_errors=True)
-        return final
 
     def restore(self, roles: Roles) -> int:
-        ckpts = self.run.checkpoint_dirs()
-        if not ckpts:
+        self.run.clean_orphans()
+        found = newest_usable(self.run.checkpoints, log)  # every file checked against its sha256
+        if found is None:
             self.run.truncate_metrics(0)
             return 0
-        step, path = ckpts[-1]
+        step, path = found
         state = json.loads((path / "driver_state.json").read_text())
         self.on_learners(
             roles,
