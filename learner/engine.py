@@ -426,41 +426,19 @@ class LearnerEngine:
                 self.ema, self.ema_updates = self.get_weights(), 0
 
     def save_checkpoint(self, folder: str) -> None:
-        """DeepSpeed's own checkpoint (module, optimizer and scheduler shards of every rank), plus the
-        learner's bookkeeping; and a consolidated fp32 copy of the same state written by rank 0
-        (:data:`CONSOLIDATED`), which a group of another size or ZeRO stage loads instead of the shards.
-        Every rank calls it (gathering the consolidated state is a collective)."""
-        self.engine.save_checkpoint(folder, tag="learner", client_state=self._client_state())
+        """The learner's whole state with no sharding (every trainable weight, the frozen ``old`` copy,
+        Adam's moments and step, the LR schedule, the kept versions, the EMA), gathered by every rank (a
+        collective) and written by rank 0 as safetensors + JSON (:data:`STATE_TENSORS`,
+        :data:`STATE_JSON`): nothing a checkpoint holds can execute code when it is read (DeepSpeed's own
+        checkpoint files are pickles, so they are not written), and a group of any size or ZeRO stage
+        loads it."""
         state = self.consolidated_state()
         if self.rank == 0:
-            out = Path(folder)
-            tmp = out / (CONSOLIDATED + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, out / CONSOLIDATED)
-            meta = {"world_size": self.world_size, "zero_stage": self.cfg.zero_stage, "version": self.version}
-            (out / LAYOUT).write_text(json.dumps(meta))
+            write_state(Path(folder), state)
 
     def load_checkpoint(self, folder: str) -> int:
-        """DeepSpeed's shards when they were written by a group of this size and ZeRO stage (exact); else
-        the consolidated state (a resume with another ``learner.num_ranks`` or ``learner.zero_stage``)."""
-        layout_path = Path(folder) / LAYOUT
-        layout = json.loads(layout_path.read_text()) if layout_path.is_file() else {}
-        ranks, stage = (
-            layout.get("world_size", self.world_size),
-            layout.get("zero_stage", self.cfg.zero_stage),
-        )
-        if (ranks, stage) == (self.world_size, self.cfg.zero_stage) and (Path(folder) / "learner").is_dir():
-            _, client = self.engine.load_checkpoint(folder, tag="learner")
-            self._set_client_state(client)
-            return self.version
-        path = Path(folder) / CONSOLIDATED
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"learner rank {self.rank}: {folder} was written by {ranks} rank(s) at ZeRO stage {stage} and "
-                f"has no {CONSOLIDATED}; resume it with --set learner.num_ranks={ranks} --set "
-                f"learner.zero_stage={stage}"
-            )
-        self.load_consolidated(torch.load(path, map_location="cpu", weights_only=False))
+        """Load :meth:`save_checkpoint`'s state (every rank calls; any group size or ZeRO stage)."""
+        self.load_consolidated(read_state(Path(folder)))
         return self.version
 
     # consolidated state: every trainable weight, Adam moment and the schedule as whole fp32 tensors
@@ -582,8 +560,118 @@ class LearnerEngine:
         self._set_client_state(state["client"])
 
 
-CONSOLIDATED = "consolidated.pt"  # in a checkpoint's learner/ folder, beside DeepSpeed's shards
-LAYOUT = "layout.json"  # {world_size, zero_stage} of the group that wrote the shards
+STATE_TENSORS = "state.safetensors"  # in a checkpoint's learner/ folder: every tensor of the state
+STATE_JSON = "state.json"  # beside it: the numbers (format, layout, optimizer step, LR schedule, versions)
+STATE_FORMAT = 2
+
+
+def _flatten(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:meth:`LearnerEngine.consolidated_state` -> (tensors by prefixed name, JSON numbers). A tensor
+    that shares memory with one already taken (safetensors refuses aliases) is cloned."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+
+    def put(prefix: str, group: dict[str, torch.Tensor] | None) -> None:
+        for name, t in (group or {}).items():
+            t = t.detach().to("cpu").contiguous()
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            tensors[f"{prefix}/{name}"] = t.clone() if key in seen else t
+            seen.add(key)
+
+    client = state["client"]
+    put("weights", state["weights"])
+    put("old", state["old"])
+    for moment in ("exp_avg", "exp_avg_sq"):
+        put(f"optimizer/{moment}", state["optimizer"].get(moment))
+    put("ema", client.get("ema"))
+    for version, kept in (client.get("history") or {}).items():
+        put(f"history/{int(version)}", kept)
+    meta = {
+        "format": STATE_FORMAT,
+        "world_size": state["world_size"],
+        "zero_stage": state["zero_stage"],
+        "optimizer_step": int(state["optimizer"]["step"]),
+        "scheduler": state["scheduler"],
+        "global_steps": int(state["global_steps"]),
+        "version": int(client["version"]),
+        "ema_updates": int(client.get("ema_updates") or 0),
+        "has_ema": client.get("ema") is not None,
+        "history": sorted(int(v) for v in (client.get("history") or {})),
+    }
+    return tensors, meta
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    def group(prefix: str) -> dict[str, torch.Tensor]:
+        p = prefix + "/"
+        return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+
+    return {
+        "format": meta["format"],
+        "world_size": meta["world_size"],
+        "zero_stage": meta["zero_stage"],
+        "weights": group("weights"),
+        "old": group("old"),
+        "optimizer": {
+            "step": meta["optimizer_step"],
+            "exp_avg": group("optimizer/exp_avg"),
+            "exp_avg_sq": group("optimizer/exp_avg_sq"),
+        },
+        "scheduler": meta["scheduler"],
+        "global_steps": meta["global_steps"],
+        "client": {
+            "version": meta["version"],
+            "history": {v: group(f"history/{v}") for v in meta["history"]},
+            "ema": group("ema") if meta["has_ema"] else None,
+            "ema_updates": meta["ema_updates"],
+        },
+    }
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    """The learner state as :data:`STATE_TENSORS` + :data:`STATE_JSON` (each written then renamed)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, meta = _flatten(state)
+    try:
+        text = json.dumps(meta)
+    except TypeError as e:  # a scheduler whose state is not plain numbers: say so rather than pickle it
+        raise TypeError(
+            f"learner state: a value is not JSON ({e}); the LR schedule must be plain numbers"
+        ) from e
+    tmp = folder / (STATE_TENSORS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": str(STATE_FORMAT)})
+    os.replace(tmp, folder / STATE_TENSORS)
+    tmp = folder / (STATE_JSON + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, folder / STATE_JSON)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """:func:`write_state`'s files back (safetensors and JSON only: reading runs no code). A missing or
+    unreadable file is a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    tensors_path, meta_path = folder / STATE_TENSORS, folder / STATE_JSON
+    for path in (tensors_path, meta_path):
+        if not path.is_file():
+            raise ValueError(
+                f"{path} does not exist: this checkpoint was not written by this vgrpo (older ones kept "
+                "DeepSpeed's pickled shards, which are never read because they can execute code); fix: "
+                "resume from a checkpoint this version wrote, or start a new run"
+            )
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, want {STATE_FORMAT}")
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{meta_path} is not a learner state ({e})") from None
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as e:  # safetensors' own error types: a truncated or foreign file
+        raise ValueError(f"{tensors_path} is not a readable safetensors file ({e})") from None
+    return _unflatten(tensors, meta)
 
 
 def save_policy_weights(state: dict[str, torch.Tensor], path: str | Path, version: int, lora: bool) -> None:

@@ -252,3 +252,66 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path: Path):
         f.write('{"step": 4, "rew')  # a stop in the middle of a write
     run.truncate_metrics(2)
     assert [json.loads(x)["step"] for x in run.metrics_path.read_text().splitlines()] == [1, 2]
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_nothing_in_a_checkpoint_executes_code(tmp_path: Path):
+    """The learner state is safetensors + JSON, the policy safetensors, the driver state JSON: a pickle
+    planted in any of them (or beside them, named as DeepSpeed's shards) is never unpickled, and the
+    error names the file."""
+    import pickle
+
+    import torch
+
+    from vgrpo.checkpoints import RunDirError, checkpoint_problem, policy_weights
+    from vgrpo.learner.engine import STATE_JSON, STATE_TENSORS, read_state, write_state
+
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(_Payload(marker))
+    state = {
+        "format": 2,
+        "world_size": 1,
+        "zero_stage": 2,
+        "weights": {"a": torch.ones(3), "b": torch.zeros(2, 2)},
+        "old": {"a": torch.full((3,), 0.5), "b": torch.zeros(2, 2)},
+        "optimizer": {"step": 4, "exp_avg": {"a": torch.ones(3)}, "exp_avg_sq": {"a": torch.ones(3)}},
+        "scheduler": {"base_lrs": [0.001], "last_epoch": 4, "lr_lambdas": [None], "_last_lr": [0.001]},
+        "global_steps": 4,
+        "client": {"version": 4, "history": {3: {"a": torch.ones(3)}}, "ema": None, "ema_updates": 0},
+    }
+    folder = tmp_path / "learner"
+    write_state(folder, state)
+    back = read_state(folder)
+    assert back["client"]["version"] == 4 and set(back["client"]["history"]) == {3}
+    assert torch.equal(back["weights"]["a"], torch.ones(3)) and back["optimizer"]["step"] == 4
+    assert back["scheduler"] == state["scheduler"] and back["client"]["ema"] is None
+    # DeepSpeed-shaped pickles beside the state are never read
+    (folder / "learner").mkdir()
+    (folder / "learner" / "mp_rank_00_model_states.pt").write_bytes(payload)
+    (folder / "consolidated.pt").write_bytes(payload)
+    read_state(folder)
+    # a pickle in place of each file the loaders read: refused, named, not run
+    (folder / STATE_TENSORS).write_bytes(payload)
+    with pytest.raises(ValueError, match=r"state\.safetensors is not a readable safetensors file"):
+        read_state(folder)
+    (folder / STATE_JSON).write_bytes(payload)
+    with pytest.raises(ValueError, match=r"state\.json is not a learner state"):
+        read_state(folder)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "policy.safetensors").write_bytes(payload)
+    (ckpt / "driver_state.json").write_text("{}")
+    with pytest.raises(RunDirError, match=r"policy\.safetensors is not a readable safetensors file"):
+        policy_weights(tmp_path / "run", 1)
+    (ckpt / "driver_state.json").write_bytes(payload)
+    assert "driver_state.json is unreadable" in str(checkpoint_problem(ckpt))
+    assert not marker.exists()

@@ -72,13 +72,14 @@ def test_consolidated_state_resumes_in_another_zero_layout(port: int, tmp_path: 
     """ZeRO-2 trains 2 steps and checkpoints; a ZeRO-3 group (another layout, as another rank count is)
     loads the consolidated state instead of the shards: the same weights, Adam moments, step count and
     LR schedule, so its next update equals the one the original group makes."""
-    from vgrpo.learner.engine import CONSOLIDATED, LAYOUT
+    from vgrpo.learner.engine import STATE_JSON, STATE_TENSORS
 
     a = _engine(port, "learner.zero_stage=2", "learner.lr_schedule=cosine")
     for step in (1, 2):
         _step(a, step)
     a.save_checkpoint(str(tmp_path / "learner"))
-    assert (tmp_path / "learner" / CONSOLIDATED).is_file() and (tmp_path / "learner" / LAYOUT).is_file()
+    assert (tmp_path / "learner" / STATE_TENSORS).is_file() and (tmp_path / "learner" / STATE_JSON).is_file()
+    assert not list((tmp_path / "learner").rglob("*.pt"))  # no pickle in a checkpoint
     state = a.consolidated_state()
     assert state["optimizer"]["step"] == 2 and set(state["optimizer"]["exp_avg"]) == set(state["weights"])
     assert any(v.abs().sum() > 0 for v in state["optimizer"]["exp_avg_sq"].values())

@@ -141,9 +141,12 @@ def policy_weights(
                 f"{run_dir}: checkpoint step {step} cannot be used ({problem}); complete ones: "
                 f"{checkpoint_steps(run_dir)} (and 0, the start)"
             )
-    if ema and (folder / "ema.safetensors").is_file():
-        return step, load_file(str(folder / "ema.safetensors"))
-    return step, load_file(str(folder / "policy.safetensors"))
+    path = folder / "ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else None
+    path = path or folder / "policy.safetensors"
+    try:
+        return step, load_file(str(path))  # safetensors: reading it runs no code
+    except Exception as e:  # safetensors' own error types: a truncated or foreign file
+        raise RunDirError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def load_run_pipeline(run_dir: Path, step: int | None, device: str = "cpu") -> tuple[Any, RunConfig, int]:
