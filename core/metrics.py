@@ -128,6 +128,12 @@ SPECS: dict[str, Spec] = {
         _spec("vgrpo_reward_std", "gauge", "batch std of the weighted total reward", ("reward",)),
         _spec("vgrpo_phase_seconds", "gauge", "wall-clock seconds of the step's phase", ("phase",)),
         _spec("vgrpo_weight_update_bytes", "gauge", "bytes of the step's weight update"),
+        _spec(
+            "vgrpo_health",
+            "gauge",
+            "1 while a training-health alarm is raised (signal: reward_hacking, no_signal)",
+            ("signal",),
+        ),
         _spec("vgrpo_adv_zero_std_frac", "gauge", "fraction of prompt groups whose rewards are all equal"),
         _spec(
             "vgrpo_eval_score", "gauge", "held-out evaluation score; family=overall is the mean", ("family",)
@@ -347,6 +353,8 @@ def export_step(row: dict[str, Any], port: int | None = None, bind: str = "127.0
             record("vgrpo_phase_seconds", value, *tags, phase=key[5:])
         elif key.startswith("eval/"):
             record("vgrpo_eval_score", value, *tags, family=key[5:])
+        elif key.startswith("health/"):
+            record("vgrpo_health", value, *tags, signal=key[7:])
     record("vgrpo_weight_update_bytes", row.get("weight_sync_bytes", 0), *tags)
     record("vgrpo_adv_zero_std_frac", row.get("adv/zero_std_frac", 0.0), *tags)
     record("vgrpo_retries", row.get("reward_retries", 0), *tags, kind="reward")

@@ -315,3 +315,38 @@ def test_nothing_in_a_checkpoint_executes_code(tmp_path: Path):
     (ckpt / "driver_state.json").write_bytes(payload)
     assert "driver_state.json is unreadable" in str(checkpoint_problem(ckpt))
     assert not marker.exists()
+
+
+def test_the_health_watch_raises_and_clears_its_alarms(caplog: pytest.LogCaptureFixture):
+    import logging
+
+    from vgrpo.health import HealthWatch
+
+    watch = HealthWatch()
+    rows = []
+    with caplog.at_level(logging.WARNING, logger="vgrpo"):
+        for step in range(1, 61):  # the training reward climbs while the held-out score falls
+            row: dict = {"step": step, "reward_mean": 0.3 + 0.01 * step, "adv/zero_std_frac": 0.2}
+            if step % 20 == 0:
+                row["eval/overall"] = 0.6 - 0.05 * (step // 20)
+            row.update(watch.update(row))
+            rows.append(row)
+    assert [r["health/reward_hacking"] for r in rows[:59]] == [0.0] * 59 and rows[59][
+        "health/reward_hacking"
+    ] == 1.0
+    assert "health/reward_hacking" in caplog.text and "samples/" in caplog.text
+
+    honest = HealthWatch()  # the same rewards with a rising held-out score: no alarm
+    for step in range(1, 61):
+        row = {"step": step, "reward_mean": 0.3 + 0.01 * step}
+        if step % 20 == 0:
+            row["eval/overall"] = 0.4 + 0.05 * (step // 20)
+        assert honest.update(row)["health/reward_hacking"] == 0.0
+
+    flat = HealthWatch()
+    got = [
+        flat.update({"step": s, "reward_mean": 1.0, "adv/zero_std_frac": 1.0})["health/no_signal"]
+        for s in range(1, 12)
+    ]
+    assert got == [0.0] * 9 + [1.0, 1.0]
+    assert flat.update({"step": 12, "reward_mean": 0.5, "adv/zero_std_frac": 0.1})["health/no_signal"] == 0.0

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from vgrpo.core.metrics import export_step
+from vgrpo.health import HealthWatch
 from vgrpo.launch import StopRequest, enable_token_auth_if_available, install_stop_handlers, start_ray
 from vgrpo.progress import Progress
 from vgrpo.proto.config import RunConfig
@@ -136,6 +137,7 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         self.published: dict[int, Any] = {0: None}
         self._ema_cache: tuple[int, Any] | None = None  # (version, EMA weights) last fetched
         self._current_cache: tuple[int, Any] | None = None  # (version, trained weights) last fetched
+        self.health = HealthWatch()
 
     # --- rollout ---------------------------------------------------------------------------------
 
@@ -341,6 +343,7 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
                 last = step == cfg.train.steps
                 if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
                     row.update(self.evaluate(roles))
+                row.update(self.health.update(row))  # alarms: vgrpo/health.py
                 self.run.append_metrics(row)
                 export_step(row, cfg.observability.metrics_port, cfg.observability.bind)  # core/metrics.py
                 if self.tb is not None:
