@@ -493,6 +493,12 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="steps between held-out evaluations (0: never)")
     samples_every: int = Field(20, ge=1, description="steps between sample grids")
     keep_checkpoints: int = Field(3, ge=1)
+    keep_best: bool = Field(
+        False,
+        description="also keep the checkpoint with the best held-out score (eval/overall; needs eval_every): "
+        "an evaluation step that beats it is checkpointed, recorded in best.json and never deleted; "
+        "`vgrpo eval/export --best` read it",
+    )
     ema: float | None = Field(None, gt=0, lt=1, description="EMA decay of the policy for eval/export")
     run_name: str | None = None
     storage: str | None = Field(None, description="shared path or fsspec URL for the run directory")

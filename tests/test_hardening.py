@@ -350,3 +350,22 @@ def test_the_health_watch_raises_and_clears_its_alarms(caplog: pytest.LogCapture
     ]
     assert got == [0.0] * 9 + [1.0, 1.0]
     assert flat.update({"step": 12, "reward_mean": 0.5, "adv/zero_std_frac": 0.1})["health/no_signal"] == 0.0
+
+
+def test_keep_best_records_and_protects_the_best_checkpoint(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from vgrpo.cli import app
+    from vgrpo.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert run.is_best(0.4) and not run.is_best(None)
+    run.record_best(20, 0.55)
+    assert not run.is_best(0.5) and run.is_best(0.56) and run.best() == {"step": 20, "eval/overall": 0.55}
+    r = CliRunner().invoke(
+        app,
+        ["export", "--run-dir", str(tmp_path / "run"), "--best", "--step", "3", "--out", str(tmp_path / "o")],
+    )
+    assert r.exit_code != 0 and "drop --step" in r.output
+    r = CliRunner().invoke(app, ["eval", "--run-dir", str(tmp_path / "nothing"), "--best"])
+    assert r.exit_code != 0 and "train.keep_best" in r.output

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -124,6 +125,9 @@ def eval_cmd(
     step: int | None = typer.Option(
         None, "--step", min=0, help="with --run-dir: 0 = the starting policy; default the last checkpoint"
     ),
+    best: bool = typer.Option(
+        False, "--best", help="with --run-dir: the checkpoint with the best held-out score (train.keep_best)"
+    ),
     benchmark: str = typer.Option(
         "shapes",
         "--benchmark",
@@ -164,6 +168,8 @@ def eval_cmd(
 
     if benchmark not in ("shapes", "geneval", "ocr", "pickscore"):
         fail(f"--benchmark {benchmark!r} is not available; fix: shapes, geneval, ocr or pickscore")
+    if best:
+        step = best_step(run_dir, step)
     for flag, path in (("--out", out), ("--grid", grid)):  # before the evaluation, not after it
         if path is not None:
             check_writable(path, flag)
@@ -255,6 +261,19 @@ def eval_cmd(
         typer.echo(f"wrote {out}")
 
 
+def best_step(run_dir: Path | None, step: int | None) -> int:
+    """The step ``best.json`` names (``train.keep_best``), or fail saying why there is none."""
+    if run_dir is None or step is not None:
+        fail("--best picks a --run-dir's best checkpoint; fix: give --run-dir and drop --step")
+    path = run_dir / "best.json"
+    try:
+        return int(json.loads(path.read_text())["step"])
+    except (OSError, ValueError, KeyError) as e:
+        fail(
+            f"--best: {path} is missing or unreadable ({e}); the run needs train.keep_best and train.eval_every"
+        )
+
+
 def check_writable(path: Path, flag: str) -> None:
     """``path`` can be written (its folder made, a probe file created and removed), or fail naming it."""
     import tempfile
@@ -291,12 +310,17 @@ def export_cmd(
     run_dir: Path = typer.Option(..., "--run-dir", help="the training run"),
     out: Path = typer.Option(..., "--out", help="output folder"),
     step: int | None = typer.Option(None, "--step", min=0, help="checkpoint step (default: the last)"),
+    best: bool = typer.Option(
+        False, "--best", help="the checkpoint with the best held-out score (train.keep_best)"
+    ),
     merge: bool = typer.Option(False, "--merge", help="write a whole pipeline with the LoRA merged"),
 ) -> None:
     """Export a run's policy for diffusers: LoRA weights (pipe.load_lora_weights) or a merged pipeline."""
     from vgrpo.checkpoints import RunDirError, export_policy
 
     check_writable(out / "model_index.json", "--out")  # before loading the pipeline
+    if best:
+        step = best_step(run_dir, step)
 
     try:
         step, kind = export_policy(run_dir, step, out, merge)

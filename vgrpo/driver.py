@@ -354,8 +354,11 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
                 if step % cfg.train.samples_every == 0 or last:
                     self.save_samples(step)
                 stopping = StopRequest.requested and not last
-                if step % cfg.train.checkpoint_every == 0 or last or stopping:
+                better = cfg.train.keep_best and self.run.is_best(row.get("eval/overall"))
+                if step % cfg.train.checkpoint_every == 0 or last or stopping or better:
                     path = self.checkpoint(roles, step)
+                if better:
+                    self.run.record_best(step, float(row["eval/overall"]))
                 self.step = step
                 if stopping:
                     progress.close()

@@ -119,6 +119,26 @@ class RunDir:
                 log.warning("skipping checkpoint step %d (%s): %s", step, p, problem)
         return out
 
+    def best(self) -> dict[str, Any] | None:
+        """``best.json`` (``train.keep_best``): the step with the best held-out score so far, or None."""
+        path = self.root / "best.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except ValueError:
+            log.warning(
+                "%s is not JSON (torn?): the best checkpoint is unknown until the next evaluation", path
+            )
+            return None
+
+    def is_best(self, score: float | None) -> bool:
+        best = self.best()
+        return score is not None and (best is None or score > float(best["eval/overall"]))
+
+    def record_best(self, step: int, score: float) -> None:
+        tmp = self.root / "best.json.tmp"
+        tmp.write_text(json.dumps({"step": step, "eval/overall": score}))
+        os.replace(tmp, self.root / "best.json")
+
     def clean_orphans(self) -> None:
         """Remove ``.step_N.tmp`` folders a stopped or crashed checkpoint left behind."""
         for p in self.checkpoints.glob(".step_*.tmp"):
@@ -201,8 +221,10 @@ class Checkpointing:
                 f"complete checkpoint ({where}) is kept; fix: free space, then `vgrpo train --run-dir "
                 f"{self.run.root} --resume`"
             ) from None
+        best = self.run.best()
+        keep = {step, best["step"] if best else -1}  # the best checkpoint (train.keep_best) is never deleted
         for old_step, path in self.run.checkpoint_dirs()[: -self.cfg.train.keep_checkpoints]:
-            if old_step != step:
+            if old_step not in keep:
                 shutil.rmtree(path, ignore_errors=True)
         return final
 
