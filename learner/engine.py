@@ -143,6 +143,8 @@ class LearnerEngine:
         self.objective: Objective = build_objective(algorithm)
         self.version = 0
         self.history: dict[int, dict[str, torch.Tensor]] = {}  # published weights kept for stale batches
+        self.grad_norms: list[float] = []  # of the updates applied (the spike guard's reference)
+        self.skipped_in_a_row = 0
         self.engine: Any = None
         self.ema_decay: float | None = None  # train.ema: an EMA of the policy for evaluation and export
         self.ema: dict[str, torch.Tensor] | None = None
@@ -305,6 +307,12 @@ class LearnerEngine:
         n_micro = self.grad_accum // obj.num_inner_steps()
         diags: dict[str, float] = dict(subset_diags)
         losses = []
+        nonfinite = 0
+        # the spike guard can undo this update: the state before it, gathered whole (megabytes with LoRA;
+        # with full fine-tuning that would be three copies of the model a step, so the guard is LoRA's)
+        window = self.grad_norms[-self.cfg.spike_window :]
+        guard = self.cfg.spike_factor is not None and len(window) >= 5 and self.model_cfg.lora is not None
+        before = self.consolidated_state() if guard else None
         for _inner in range(obj.num_inner_steps()):
             for j in range(n_micro):
                 ids = chunks[j] if j < len(chunks) else chunks[0][:0]
@@ -316,14 +324,16 @@ class LearnerEngine:
                 else:
                     mb = batch.select(torch.isin(batch.group_ids_b, ids).nonzero().squeeze(1))
                     loss, diag = obj.loss(self.policy, mb, gen)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"learner rank {self.rank}, step {step}: {obj.name} loss is {loss.item()}; the update was "
-                        "not applied. Lower learner.lr or check the rewards for NaN/inf"
-                    )
+                if not self._finite_everywhere(loss):
+                    # a NaN/inf on any rank: every rank trains this micro step on a zero loss instead (its
+                    # gradient is dropped, the collectives stay in step), and the step counts it
+                    nonfinite += 1
+                    loss = torch.stack([p.sum() for p in trainable_params(self.module).values()]).sum() * 0.0
+                    diag = {}
+                else:
+                    losses.append(loss.item())
                 self.engine.backward(loss)
                 self.engine.step()
-                losses.append(loss.item())
                 for k, v in diag.items():
                     diags[k] = diags.get(k, 0.0) + v / max(1, n_micro * obj.num_inner_steps())
             if obj.old_policy == "behaviour":
@@ -333,14 +343,48 @@ class LearnerEngine:
             self._ema_old(decay)
         self.version = step
         grad_norm = self.engine.get_global_grad_norm()
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        skipped = ""
+        if not losses:
+            skipped = f"the loss was NaN or inf on every micro step ({nonfinite})"
+        elif before is not None and norm > self.cfg.spike_factor * float(np.median(window)):  # type: ignore[operator]
+            skipped = (
+                f"gradient norm {norm:.3g} > {self.cfg.spike_factor:g} x the median {float(np.median(window)):.3g} "
+                f"of the last {len(window)} updates"
+            )
+            self.load_consolidated(before)  # the weights, moments and schedule of before the update
+            self.version = step  # the step still publishes (the same weights), so versions stay one per step
+        if skipped:
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= self.cfg.max_skipped_updates:
+                raise NonFiniteLossError(
+                    f"learner rank {self.rank}, step {step}: {self.skipped_in_a_row} updates skipped in a row "
+                    f"(last: {skipped}); fix: lower learner.lr or check the rewards for NaN/inf, then "
+                    "--resume from the last checkpoint"
+                )
+        else:
+            self.skipped_in_a_row = 0
+            self.grad_norms = [*self.grad_norms, norm][-self.cfg.spike_window :]
         out = {
-            "loss": float(np.mean(losses)),
-            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "loss": float(np.mean(losses)) if losses else 0.0,
+            "grad_norm": norm,
             "lr": float(self.engine.get_lr()[0]),
             "learner_seconds": time.perf_counter() - t0,
+            "learner/skipped_update": float(bool(skipped)),
+            "learner/nonfinite_micro_steps": float(nonfinite),
         }
         out.update({f"learner/{k}": v for k, v in diags.items()})
         return out
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (one small all-reduce: the ranks must agree on what
+        they skip, or their collectives fall out of step)."""
+        flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach())) else 0.0], device=self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
 
     def publish(self) -> dict[str, torch.Tensor]:
         """The weights the rollout workers sample the current version with (every rank calls; rank 0's are

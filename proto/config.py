@@ -454,6 +454,19 @@ class LearnerConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's (beta1, beta2), each in [0, 1)")
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0)
+    spike_factor: float | None = Field(
+        10.0,
+        gt=1,
+        description="undo an update whose gradient norm exceeds this multiple of the median of the last "
+        "spike_window updates (None: off; LoRA runs only); the step still publishes, weights unchanged",
+    )
+    spike_window: int = Field(20, ge=5, description="updates whose gradient norms the spike guard compares")
+    max_skipped_updates: int = Field(
+        3,
+        ge=1,
+        description="updates skipped in a row (a gradient spike, or a NaN/inf loss on every micro step) "
+        "that stop the run with the resume hint",
+    )
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     micro_batch_size: int = Field(32, ge=1, description="images per learner forward/backward")

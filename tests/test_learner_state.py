@@ -169,3 +169,31 @@ def test_the_rollout_samples_with_the_policy_the_objective_names(port: int) -> N
     got = _step(vgrpo, 1)
     for k, v in vgrpo.get_weights().items():
         torch.testing.assert_close(got[k], v)
+
+
+def test_a_nan_loss_or_a_gradient_spike_skips_the_update_and_too_many_stop(port: int) -> None:
+    """A NaN loss on every micro step skips the update (counted, not fatal); a gradient norm far above the
+    recent median is undone (the weights stay those before it); max_skipped_updates in a row stop."""
+    from vgrpo.learner.engine import NonFiniteLossError
+
+    eng = _engine(port, "learner.max_skipped_updates=2")
+    for step in range(1, 7):  # six ordinary updates: the guard's reference
+        _step(eng, step)
+    real_loss = eng.objective.loss
+
+    eng.objective.loss = lambda policy, mb, gen: (torch.tensor(float("nan"), requires_grad=True), {})
+    out = eng.train_step(_shard(eng, 7), 7)
+    assert out["learner/skipped_update"] == 1.0 and out["learner/nonfinite_micro_steps"] >= 1
+    assert eng.version == 7 and all(torch.isfinite(v).all() for v in eng.get_weights().values())
+
+    def spiky(policy, mb, gen):  # the real loss, scaled up a thousandfold: a gradient spike
+        loss, diag = real_loss(policy, mb, gen)
+        return loss * 1000.0, diag
+
+    eng.objective.loss = spiky
+    before = {k: v.clone() for k, v in eng.get_weights().items()}
+    with pytest.raises(NonFiniteLossError, match="2 updates skipped in a row"):
+        eng.train_step(_shard(eng, 8), 8)
+    after = eng.get_weights()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the spike was undone
+    eng.objective.loss = real_loss
