@@ -31,6 +31,16 @@ def add_lora(
     the adapted model equals the base model at version 0 on every process."""
     from peft import LoraConfig as PeftLoraConfig
 
+    # peft matches a target to a module whose dotted name is it or ends with "." + it; a target that
+    # matches no linear layer would train nothing (or fail deep inside peft): name it now
+    linear = [name for name, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+    unknown = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
+    if unknown:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"model.lora.target_modules names {unknown}, which match no linear layer of "
+            f"{type(transformer).__name__}; fix: choose among {', '.join(leaves[:24])}"
+        )
     init: Any = {"gaussian": "gaussian", "default": True, "zeros": False}[cfg.init]
     peft_cfg = PeftLoraConfig(
         r=cfg.rank,

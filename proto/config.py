@@ -805,6 +805,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"--config {path}: no such file"])
     try:
         data = yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError([f"--config {path}: not a text file (YAML is UTF-8 text)"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"--config {path}: not valid YAML: {e}"]) from None
     if not isinstance(data, dict):

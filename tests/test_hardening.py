@@ -369,3 +369,20 @@ def test_keep_best_records_and_protects_the_best_checkpoint(tmp_path: Path):
     assert r.exit_code != 0 and "drop --step" in r.output
     r = CliRunner().invoke(app, ["eval", "--run-dir", str(tmp_path / "nothing"), "--best"])
     assert r.exit_code != 0 and "train.keep_best" in r.output
+
+
+def test_a_binary_yaml_and_a_lora_typo_are_named(tmp_path: Path):
+    import torch
+
+    from vgrpo.core.adapters import add_lora
+    from vgrpo.proto.config import ConfigError, LoraConfig, load_config
+
+    blob = tmp_path / "c.yaml"
+    blob.write_bytes(b"\xff\xfe\x00\x81binary")
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_config(blob)
+    net = torch.nn.Sequential()
+    net.add_module("attn", torch.nn.Module())
+    net.attn.add_module("to_q", torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"model\.lora\.target_modules names \['to_qq'\].*to_q"):
+        add_lora(net, LoraConfig(target_modules=["to_q", "to_qq"]))
