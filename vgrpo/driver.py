@@ -318,7 +318,7 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         )[0]
         # the served shapes reward scores when training serves it (its binary verdict is the table's number),
         # else the same model in this process
-        served = "shapes" in getattr(roles.rewards, "handles", {})
+        served = "shapes" in getattr(getattr(roles, "rewards", None), "handles", {})
         scorer = ServedReward(roles.rewards, "shapes") if served else shapes_reward()
         res = score_heldout(rows, sampled, scorer, "shapes")
         out = {"eval/overall": float(res["overall"])}
