@@ -53,12 +53,47 @@ def _remote() -> Any:
     return RemoteReward
 
 
+def _jpeg_compressibility() -> Any:
+    from vgrpo.reward_servers.jpeg import JpegCompressibility
+
+    return JpegCompressibility
+
+
+def _jpeg_incompressibility() -> Any:
+    from vgrpo.reward_servers.jpeg import JpegIncompressibility
+
+    return JpegIncompressibility
+
+
+def _clipscore() -> Any:
+    from vgrpo.reward_servers.clip_rewards import ClipScoreReward
+
+    return ClipScoreReward
+
+
+def _aesthetic() -> Any:
+    from vgrpo.reward_servers.clip_rewards import AestheticReward
+
+    return AestheticReward
+
+
+def _vlm_judge() -> Any:
+    from vgrpo.reward_servers.vlm_judge import VlmJudgeReward
+
+    return VlmJudgeReward
+
+
 _BUILTIN: dict[str, Callable[[], Any]] = {
     "shapes": _shapes,
     "geneval": _geneval,
     "pickscore": _pickscore,
     "ocr": _ocr,
     "remote": _remote,
+    "jpeg_compressibility": _jpeg_compressibility,
+    "jpeg_incompressibility": _jpeg_incompressibility,
+    "clipscore": _clipscore,
+    "aesthetic": _aesthetic,
+    "vlm_judge": _vlm_judge,
 }
 _REGISTERED: dict[str, RewardFactory] = {}
 ENTRY_POINT_GROUP = "vgrpo.rewards"
