@@ -167,3 +167,43 @@ def test_the_vlm_judge_scores_retries_bounds_and_names_failures():
         get_reward("vlm_judge", {"endpoint": "127.0.0.1:8000"})
     with pytest.raises(ValueError, match="prompt"):
         get_reward("vlm_judge", {"rubric": "no placeholder"})
+
+
+def test_vgrpo_score_ranks_jpeg_compressibility_and_takes_options(tmp_path: Path):
+    """The issue's acceptance case: a flat grey PNG above a smooth gradient above uniform noise for
+    jpeg_compressibility, the other way for jpeg_incompressibility; --set reaches the reward's options."""
+    from typer.testing import CliRunner
+
+    from vgrpo.cli import app
+
+    side = 64
+    ramp = np.tile(np.linspace(0, 255, side, dtype=np.float64), (side, 1))
+    images = {
+        "flat.png": np.full((side, side, 3), 128, np.uint8),
+        "gradient.png": np.stack([ramp] * 3, axis=-1).round().astype(np.uint8),
+        "noise.png": np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8),
+    }
+    for name, im in images.items():
+        Image.fromarray(im).save(tmp_path / name)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"image": n, "prompt": ""}) + "\n" for n in images))
+    for reward, order in (("jpeg_compressibility", [0, 1, 2]), ("jpeg_incompressibility", [2, 1, 0])):
+        out = tmp_path / f"{reward}.jsonl"
+        r = CliRunner().invoke(
+            app, ["score", "--reward", reward, "--manifest", str(manifest), "--out", str(out)]
+        )
+        assert r.exit_code == 0, r.output
+        scores = [json.loads(x)["score"] for x in out.read_text().splitlines()]
+        assert sorted(range(3), key=lambda i: -scores[i]) == order, scores
+    out = tmp_path / "scaled.jsonl"
+    r = CliRunner().invoke(
+        app,
+        ["score", "--reward", "jpeg_incompressibility", "--manifest", str(manifest), "--out", str(out),
+         "--set", "reward.servers.jpeg_incompressibility.options.scale=1000"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    from vgrpo.reward_servers.jpeg import jpeg_kb
+
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    want = jpeg_kb(np.asarray(Image.open(tmp_path / "noise.png").convert("RGB"))) / 1000
+    assert rows[2]["rewards"]["jpeg_incompressibility"] == pytest.approx(want)

@@ -298,11 +298,20 @@ def score_cmd(
         help='JSONL, one {"image": "path.png", "prompt": "..."} a line (paths relative to it)',
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="output JSONL (default: stdout)"),
+    config: Path | None = CONFIG_OPT,
+    sets: list[str] | None = SET_OPT,
 ) -> None:
-    """Score existing images: each output line is the input line plus "rewards", "score", or "error"."""
+    """Score existing images: each output line is the input line plus "rewards", "score", or "error".
+    `--config` / `--set` give the rewards' options (reward.servers.<name>.options: weight paths,
+    endpoints), the pixel cap (reward.max_image_pixels) and, for names in reward.weights, their weights."""
     from vgrpo.score import score_manifest
 
-    raise typer.Exit(score_manifest([r.strip() for r in reward.split(",") if r.strip()], manifest, out))
+    names = [r.strip() for r in reward.split(",") if r.strip()]
+    cfg = resolve_config(config, sets) if (config is not None or sets) else None
+    options = {n: dict(cfg.reward.server(n).options) for n in names} if cfg is not None else None
+    weights = {n: float(cfg.reward.weights[n]) for n in names if n in cfg.reward.weights} if cfg else None
+    pixels = cfg.reward.max_image_pixels if cfg is not None else None
+    raise typer.Exit(score_manifest(names, manifest, out, weights or None, options, pixels))
 
 
 @app.command("export")

@@ -25,7 +25,9 @@ def _load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _read_line(text: str, lineno: int, root: Path) -> tuple[dict[str, Any], np.ndarray | None]:
+def _read_line(
+    text: str, lineno: int, root: Path, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[dict[str, Any], np.ndarray | None]:
     """One manifest line -> (the row to write back, the image) or (the row with `error`, None)."""
     try:
         row = json.loads(text)
@@ -41,7 +43,7 @@ def _read_line(text: str, lineno: int, root: Path) -> tuple[dict[str, Any], np.n
     if not path.is_file():
         return {**row, "error": f"image not found: {path}"}, None
     try:
-        return row, _load_image(path)
+        return row, _load_image(path, max_pixels)
     except (OSError, ValueError) as e:
         return {**row, "error": f"cannot read image {path}: {e}"}, None
 
@@ -75,7 +77,12 @@ def _score_batch(
 
 
 def score_manifest(
-    rewards: list[str], manifest: Path, out: Path | None, weights: dict[str, float] | None = None
+    rewards: list[str],
+    manifest: Path,
+    out: Path | None,
+    weights: dict[str, float] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    max_pixels: int | None = None,
 ) -> int:
     """Scores every line of `manifest` with `rewards` (weights default to 1 each) and writes JSON lines to
     `out` or stdout. Returns 0 when every line was handled (some may carry `error`), 2 when nothing could
@@ -88,7 +95,7 @@ def score_manifest(
     if not rewards:
         return fail("no reward named; fix: --reward shapes")
     try:
-        models = [get_reward(name) for name in rewards]
+        models = [get_reward(name, (options or {}).get(name) or {}) for name in rewards]
     except (UnknownRewardError, ValueError, TypeError) as e:
         return fail(str(e))
     unknown = sorted(set(weights or {}) - set(rewards))
@@ -120,7 +127,7 @@ def score_manifest(
         for lineno, text in enumerate(lines, start=1):
             if not text.strip():
                 continue
-            row, image = _read_line(text, lineno, root)
+            row, image = _read_line(text, lineno, root, max_pixels or MAX_IMAGE_PIXELS)
             if image is None:
                 order.append(row)
             else:
