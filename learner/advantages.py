@@ -44,3 +44,38 @@ def group_advantages(
         "adv_abs_mean": float(adv_b.abs().mean()),
     }
     return adv_b.float(), stats
+
+
+def combine_rewards(
+    values: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    group_ids_b: torch.Tensor,
+    mode: str = "weighted_sum",
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The scalar reward the advantages are computed from, and per-reward statistics.
+
+    ``weighted_sum``: ``sum_k w_k r_k`` (the embedded default, Flow-GRPO's ``multi_score``).
+    ``group_normalized``: ``sum_k w_k (r_k - mean_g r_k) / (std_g r_k + eps)``, each reward standardised
+    inside its prompt group before weighting (population std; a group in which a reward is constant
+    contributes 0 for it), so that a reward's influence is its weight, not its scale or spread.
+    Statistics: ``adv/<name>/zero_std_frac`` (groups in which that reward cannot rank the images) and
+    ``adv/<name>/abs_mean`` (mean |standardised reward|)."""
+    if mode not in ("weighted_sum", "group_normalized"):
+        raise ValueError(f"reward.combine = {mode!r}: want weighted_sum or group_normalized")
+    _, inverse = torch.unique(group_ids_b, return_inverse=True)
+    g = int(inverse.max()) + 1 if len(inverse) else 0
+    total = torch.zeros(len(group_ids_b), dtype=torch.float64)
+    stats: dict[str, float] = {}
+    for name, r in values.items():
+        r = r.double()
+        count = torch.zeros(g, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(r))
+        mean = torch.zeros(g, dtype=torch.float64).index_add_(0, inverse, r) / count
+        centred = r - mean[inverse]
+        std = (torch.zeros(g, dtype=torch.float64).index_add_(0, inverse, centred**2) / count).sqrt()
+        flat = std < 1e-12
+        z = torch.where(flat[inverse], torch.zeros_like(r), centred / (std[inverse] + eps))
+        stats[f"adv/{name}/zero_std_frac"] = float(flat.double().mean())
+        stats[f"adv/{name}/abs_mean"] = float(z.abs().mean())
+        total += float(weights.get(name, 1.0)) * (z if mode == "group_normalized" else r)
+    return total, stats

@@ -205,6 +205,12 @@ class RewardConfig(Section):
         description="largest image a reward server or `vgrpo score` decodes (refused from its header)",
     )
     max_request_mb: float = Field(64.0, gt=0, description="largest POST /score body of `vgrpo serve-rewards`")
+    combine: Literal["weighted_sum", "group_normalized"] = Field(
+        "weighted_sum",
+        description="weighted_sum: the objective's advantages of sum_k w_k r_k; group_normalized: each "
+        "reward z-scored inside its prompt group first, then weighted (rewards of different scales count "
+        "by their weights, not by their spread; docs/rewards.md)",
+    )
 
     @field_validator("weights")
     @classmethod

@@ -295,3 +295,30 @@ def test_ema_old_policy(world):
     for k, v in p.old.state_dict().items():
         assert torch.allclose(v, 0.25 * before[k] + 0.75 * p.current.state_dict()[k], atol=1e-6)
     assert not p.old_is_current()
+
+
+def test_rewards_combine_by_weight_or_standardised_in_their_groups():
+    """group_normalized: each reward z-scored inside its prompt group, then weighted; checked against a
+    plain computation, with a reward constant in one group contributing 0 there."""
+    from vgrpo.learner.advantages import combine_rewards
+
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    a = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])  # constant in group 1
+    b = torch.tensor([100.0, 300.0, 200.0, 0.0, 10.0, 20.0])  # another scale
+    plain, _ = combine_rewards({"a": a, "b": b}, {"a": 1.0, "b": 0.5}, groups, "weighted_sum")
+    assert torch.allclose(plain, (a + 0.5 * b).double())
+    got, stats = combine_rewards({"a": a, "b": b}, {"a": 1.0, "b": 0.5}, groups, "group_normalized")
+
+    def z(x: list[float]) -> list[float]:
+        m = sum(x) / len(x)
+        s = (sum((v - m) ** 2 for v in x) / len(x)) ** 0.5
+        return [0.0 if s < 1e-12 else (v - m) / (s + 1e-6) for v in x]
+
+    want = [
+        za + 0.5 * zb
+        for za, zb in zip(z([1, 2, 3]) + z([5, 5, 5]), z([100, 300, 200]) + z([0, 10, 20]), strict=True)
+    ]
+    assert got.tolist() == pytest.approx(want)
+    assert stats["adv/a/zero_std_frac"] == 0.5 and stats["adv/b/zero_std_frac"] == 0.0
+    with pytest.raises(ValueError, match="reward.combine"):
+        combine_rewards({"a": a}, {}, groups, "average")

@@ -226,8 +226,18 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
 
         import torch
 
+        from vgrpo.learner.advantages import combine_rewards
+
         group_b = np.repeat(np.arange(len(pending.prompts)), r.group_size)
-        adv_b, adv_stats = roles.objective.advantages(torch.as_tensor(scores.total), torch.as_tensor(group_b))
+        total, reward_stats = scores.total, {}
+        if len(scores.values) > 1:  # several rewards: combined as reward.combine says, each one logged
+            values = {k: torch.as_tensor(v) for k, v in scores.values.items()}
+            mode = cfg.reward.combine
+            combined, reward_stats = combine_rewards(
+                values, roles.rewards.weights, torch.as_tensor(group_b), mode
+            )
+            total = combined.numpy() if mode == "group_normalized" else scores.total
+        adv_b, adv_stats = roles.objective.advantages(torch.as_tensor(total), torch.as_tensor(group_b))
         t0 = time.perf_counter()
         shards = TrainShard.split(batch, adv_b.numpy(), len(roles.learners), oldest)
         results = self.on_learners(
@@ -269,6 +279,7 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
             "weight_sync_collective": int(collective),
             "reward_retries": scores.retries,
             "adv/zero_std_frac": adv_stats["zero_std_frac"],
+            **reward_stats,
         }
         if pending.window is not None:
             row["rollout/window_start"] = pending.window[0]

@@ -114,8 +114,15 @@ class LocalLoop:
         return scores.check("the local rewards", len(prompts))
 
     def advantages(self, batch: RolloutBatch, scores: RewardScores) -> tuple[np.ndarray, dict[str, float]]:
+        """The objective's advantages of the rewards combined as ``reward.combine`` says (as the driver)."""
+        from vgrpo.learner.advantages import combine_rewards
+
         group_b = np.repeat(np.arange(batch.num_prompts), batch.group_size)
-        adv, stats = self.objective.advantages(torch.as_tensor(scores.total), torch.as_tensor(group_b))
+        total = torch.as_tensor(scores.total)
+        if len(scores.values) > 1 and self.cfg.reward.combine == "group_normalized":
+            values = {k: torch.as_tensor(v) for k, v in scores.values.items()}
+            total, _ = combine_rewards(values, self.weights, torch.as_tensor(group_b), "group_normalized")
+        adv, stats = self.objective.advantages(total, torch.as_tensor(group_b))
         return adv.numpy(), stats
 
     def learn(self, batch: RolloutBatch, advantages: np.ndarray, step: int, policy_version: int) -> dict:
