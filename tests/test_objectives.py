@@ -320,5 +320,5 @@ def test_rewards_combine_by_weight_or_standardised_in_their_groups():
     ]
     assert got.tolist() == pytest.approx(want)
     assert stats["adv/a/zero_std_frac"] == 0.5 and stats["adv/b/zero_std_frac"] == 0.0
-    with pytest.raises(ValueError, match="reward.combine"):
+    with pytest.raises(ValueError, match=r"reward\.combine"):
         combine_rewards({"a": a}, {}, groups, "average")
