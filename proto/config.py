@@ -188,6 +188,30 @@ class RewardServerConfig(Section):
     custom_resources: CustomResources = Field(
         default_factory=dict, description="extra Ray resources per replica, e.g. {vgrpo_reward: 0.5}"
     )
+    runtime_env: dict[str, Any] | None = Field(
+        None,
+        description="Ray runtime_env of this reward's replicas (pip packages, env_vars, working_dir, "
+        "conda): a reward whose dependencies conflict with the trainer's runs in its own environment",
+    )
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _runtime_env(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        known = {
+            "pip",
+            "uv",
+            "conda",
+            "env_vars",
+            "working_dir",
+            "py_modules",
+            "container",
+            "image_uri",
+            "config",
+        }
+        unknown = sorted(set(v or {}) - known)
+        if unknown:
+            raise ValueError(f"runtime_env keys {unknown} are not Ray's; known: {', '.join(sorted(known))}")
+        return v
 
 
 class RewardConfig(Section):

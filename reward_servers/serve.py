@@ -574,6 +574,8 @@ def _deployment_options(name: str, cfg: RewardServerConfig) -> dict[str, Any]:
     }
     if cfg.custom_resources:
         opts["ray_actor_options"]["resources"] = dict(cfg.custom_resources)
+    if cfg.runtime_env:  # the reward's own environment (its packages installed there, not in the trainer's)
+        opts["ray_actor_options"]["runtime_env"] = dict(cfg.runtime_env)
     if cfg.num_replicas == "auto":
         if cfg.min_replicas > cfg.max_replicas:
             raise ValueError(

@@ -207,3 +207,24 @@ def test_vgrpo_score_ranks_jpeg_compressibility_and_takes_options(tmp_path: Path
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     want = jpeg_kb(np.asarray(Image.open(tmp_path / "noise.png").convert("RGB"))) / 1000
     assert rows[2]["rewards"]["jpeg_incompressibility"] == pytest.approx(want)
+
+
+def test_a_reward_server_can_have_its_own_runtime_env():
+    from vgrpo.proto.config import ConfigError, load_config
+    from vgrpo.reward_servers.serve import _deployment_options
+
+    cfg = load_config(
+        None,
+        [
+            "reward.servers.geneval.runtime_env={pip: [mmdet==3.3.0], env_vars: {OMP_NUM_THREADS: '1'}}",
+            "reward.servers.geneval.gpus=0.25",
+        ],
+    )
+    opts = _deployment_options("geneval", cfg.reward.server("geneval"))
+    assert opts["ray_actor_options"]["runtime_env"] == {
+        "pip": ["mmdet==3.3.0"],
+        "env_vars": {"OMP_NUM_THREADS": "1"},
+    }
+    assert opts["ray_actor_options"]["num_gpus"] == 0.25
+    with pytest.raises(ConfigError, match="runtime_env keys"):
+        load_config(None, ["reward.servers.geneval.runtime_env={pipx: [a]}"])
