@@ -77,6 +77,18 @@ def _aesthetic() -> Any:
     return AestheticReward
 
 
+def _hpsv2() -> Any:
+    from vgrpo.reward_servers.hpsv2 import HPSv2Reward
+
+    return HPSv2Reward
+
+
+def _imagereward() -> Any:
+    from vgrpo.reward_servers.imagereward import ImageRewardReward
+
+    return ImageRewardReward
+
+
 def _vlm_judge() -> Any:
     from vgrpo.reward_servers.vlm_judge import VlmJudgeReward
 
@@ -93,6 +105,8 @@ _BUILTIN: dict[str, Callable[[], Any]] = {
     "jpeg_incompressibility": _jpeg_incompressibility,
     "clipscore": _clipscore,
     "aesthetic": _aesthetic,
+    "hpsv2": _hpsv2,
+    "imagereward": _imagereward,
     "vlm_judge": _vlm_judge,
 }
 _REGISTERED: dict[str, RewardFactory] = {}
