@@ -229,6 +229,11 @@ class RewardConfig(Section):
         description="largest image a reward server or `vgrpo score` decodes (refused from its header)",
     )
     max_request_mb: float = Field(64.0, gt=0, description="largest POST /score body of `vgrpo serve-rewards`")
+    on_failure: Literal["stop", "drop_group"] = Field(
+        "stop",
+        description="an image a reward could not score after reward.retries: stop (the run ends naming it) "
+        "or drop_group (its prompt group leaves that step's update; reward/dropped_groups counts them)",
+    )
     combine: Literal["weighted_sum", "group_normalized"] = Field(
         "weighted_sum",
         description="weighted_sum: the objective's advantages of sum_k w_k r_k; group_normalized: each "

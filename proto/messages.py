@@ -18,7 +18,7 @@ and the sender. The small JSON-like messages are pydantic models (validated on c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -140,6 +140,21 @@ class RolloutBatch:
             if start < 0 or start + logp[1] > steps:
                 c.fail("window_start", f"= {self.window_start} with {logp[1]} recorded steps of {steps}")
         return self
+
+    def select_groups(self, groups: np.ndarray) -> RolloutBatch:
+        """The batch of the prompt groups ``groups`` (indices, in order): a step that drops the groups a
+        reward could not score (``reward.on_failure=drop_group``)."""
+        groups = np.asarray(groups, dtype=np.int64)
+        rows = (groups[:, None] * self.group_size + np.arange(self.group_size)).reshape(-1)
+        return replace(
+            self,
+            latents=self.latents[rows],
+            images=self.images[rows],
+            prompt_embeds=self.prompt_embeds[groups],
+            pooled=self.pooled[groups],
+            trajectory=None if self.trajectory is None else self.trajectory[rows],
+            logp=None if self.logp is None else self.logp[rows],
+        )
 
     @staticmethod
     def concat(parts: Sequence[RolloutBatch]) -> RolloutBatch:
@@ -263,14 +278,33 @@ class RewardScores:
     batch_sizes: dict[str, list[int]]
     seconds: float
     retries: int
+    failed: np.ndarray | None = None
+    errors: list[str] = field(default_factory=list)
 
     def check(self, sender: str, num_images: int) -> RewardScores:
         c = _Checker("RewardScores", sender)
         c.array("total", self.total, 1, ("float64", "float32"), lead=num_images)
-        c.finite("total", self.total)
+        ok = self.total if self.failed is None else self.total[~self.failed]
+        c.finite("total", ok)
+        if self.failed is not None:
+            c.array("failed", self.failed, 1, ("bool",), lead=num_images)
+            if self.failed.any() and not self.errors:
+                c.fail("errors", "is empty while some images failed; want one cause per failure")
         for name, values in self.values.items():
             c.array(f"values[{name!r}]", values, 1, ("float64", "float32"), lead=num_images)
         return self
+
+    def select(self, keep: np.ndarray) -> RewardScores:
+        """The scores of the images where ``keep`` (a boolean mask) holds."""
+        idx = np.flatnonzero(keep)
+        return replace(
+            self,
+            values={k: v[idx] for k, v in self.values.items()},
+            total=self.total[idx],
+            details={k: [d[i] for i in idx] for k, d in self.details.items()},
+            batch_sizes={k: [b[i] for i in idx] for k, b in self.batch_sizes.items()},
+            failed=None if self.failed is None else self.failed[idx],
+        )
 
 
 @dataclass

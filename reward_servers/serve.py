@@ -342,16 +342,21 @@ class RewardClient:
         images_bhwc: np.ndarray | Sequence[Any],
         prompts: Sequence[str],
         metadata: Sequence[dict[str, Any]] | None = None,
+        keep_failures: bool = False,
     ) -> RewardScores:
         """Blocking form of `score_async`."""
-        return _blocking(lambda: self.score_async(images_bhwc, prompts, metadata))
+        return _blocking(lambda: self.score_async(images_bhwc, prompts, metadata, keep_failures))
 
     async def score_async(
         self,
         images_bhwc: np.ndarray | Sequence[Any],
         prompts: Sequence[str],
         metadata: Sequence[dict[str, Any]] | None = None,
+        keep_failures: bool = False,
     ) -> RewardScores:
+        """Every image scored by every reward (after `reward.retries`). An image that still fails raises
+        RewardError, or with ``keep_failures`` is marked in ``failed`` (its values NaN) and its cause
+        listed in ``errors`` — for `reward.on_failure=drop_group`, whose caller drops its group."""
         t0 = time.perf_counter()
         if len(images_bhwc) != len(prompts) or (metadata is not None and len(metadata) != len(prompts)):
             raise ValueError(
@@ -369,17 +374,24 @@ class RewardClient:
         failures = [
             (name, i, o.error) for name, outs in outcomes.items() for i, o in enumerate(outs) if o.error
         ]
-        if failures:
-            failures.sort(key=lambda f: f[1])
+        failures.sort(key=lambda f: f[1])
+        if failures and not keep_failures:
             name, i, cause = failures[0]
             raise RewardError(name, i, prompts[i], str(cause), [(n, j, str(c)) for n, j, c in failures])
+        nan = float("nan")  # a failed image's value: never a number that could pass for a reward
         values = {
-            name: np.array([o.value for o in outs], dtype=np.float64) for name, outs in outcomes.items()
+            name: np.array([nan if o.error else o.value for o in outs], dtype=np.float64)
+            for name, outs in outcomes.items()
         }
         total = np.zeros(len(images), dtype=np.float64)
         for name, v in values.items():
             total += self.weights[name] * v
+        failed = np.zeros(len(images), dtype=bool)
+        for _, i, _ in failures:
+            failed[i] = True
         return RewardScores(
+            failed=failed if keep_failures else None,
+            errors=[f"reward {n!r} failed on image {i} (prompt {prompts[i]!r}): {c}" for n, i, c in failures],
             values=values,
             total=total,
             details={name: [o.details for o in outs] for name, outs in outcomes.items()},

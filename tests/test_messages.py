@@ -108,3 +108,25 @@ def test_reward_scores_and_weight_messages():
     assert WeightManifest.model_validate_json(m.model_dump_json()) == m
     with pytest.raises(ValueError, match="version"):
         WeightManifest.model_validate_json('{"version": -1, "sizes": [], "entries": []}')
+
+
+def test_dropping_failed_groups_keeps_every_array_in_step():
+    """reward.on_failure=drop_group: the failed images' groups leave batch and scores together, and a
+    failure is NaN (never a zero that could pass for a reward) outside the mask only finite values pass."""
+    b = batch(p=3, g=2, sde=True)
+    b.latents[:] = np.arange(6, dtype=np.float32)[:, None, None, None]
+    kept = b.select_groups(np.array([0, 2])).check("test", num_prompts=2)
+    assert kept.latents[:, 0, 0, 0].tolist() == [0, 1, 4, 5]
+    assert kept.prompt_embeds[:, 0, 0].tolist() == [0, 2] and kept.pooled[:, 0].tolist() == [0, 2]
+    assert kept.trajectory is not None and kept.trajectory.shape[0] == 4 and kept.logp.shape[0] == 4
+    values = np.array([0.1, 0.2, np.nan, 0.4, 0.5, 0.6])
+    s = RewardScores({"r": values}, values.copy(), {"r": [{"i": i} for i in range(6)]}, {"r": [6] * 6}, 0.0, 0,
+                     failed=np.isnan(values), errors=["reward 'r' failed on image 2"])  # fmt: skip
+    s.check("the reward servers", 6)  # NaN where marked failed passes
+    with pytest.raises(MessageError, match="total"):
+        replace(s, failed=np.zeros(6, bool)).check("the reward servers", 6)
+    with pytest.raises(MessageError, match="errors"):
+        replace(s, errors=[]).check("the reward servers", 6)
+    sel = s.select(np.array([True, True, False, False, True, True]))
+    assert sel.total.tolist() == [0.1, 0.2, 0.5, 0.6] and [d["i"] for d in sel.details["r"]] == [0, 1, 4, 5]
+    assert sel.failed is not None and not sel.failed.any()

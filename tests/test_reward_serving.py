@@ -186,6 +186,11 @@ def test_non_finite_and_raising_rewards_name_the_reward_and_image(served: Any) -
     assert (e.value.reward, e.value.index, e.value.prompt) == ("test-trouble", 2, "boom")
     assert "after 2 attempt(s)" in str(e.value) and "RuntimeError: boom" in str(e.value)
     assert len(e.value.failures) == 1  # its batch-mates were rescored alone and passed
+    # reward.on_failure=drop_group: the failure is marked (NaN value, its cause listed), never a zero
+    kept = client.score(images, ["fine", "fine", "boom"], keep_failures=True).check("test", 3)
+    assert kept.failed is not None and kept.failed.tolist() == [False, False, True]
+    assert np.isnan(kept.values["test-trouble"][2]) and np.isfinite(kept.total[:2]).all()
+    assert len(kept.errors) == 1 and "'boom'" in kept.errors[0] and "RuntimeError: boom" in kept.errors[0]
 
 
 def test_killed_replica_is_replaced_and_its_requests_retried(served: Any) -> None:

@@ -46,7 +46,7 @@ from vgrpo.health import HealthWatch
 from vgrpo.launch import StopRequest, enable_token_auth_if_available, install_stop_handlers, start_ray
 from vgrpo.progress import Progress
 from vgrpo.proto.config import RunConfig
-from vgrpo.proto.messages import PromptItem, RolloutBatch, TrainShard, split_evenly
+from vgrpo.proto.messages import PromptItem, RewardScores, RolloutBatch, TrainShard, split_evenly
 from vgrpo.publishing import Publishing
 from vgrpo.roles import RoleCalls, Roles, TrainingError
 from vgrpo.run_dir import Checkpointing, RunDir
@@ -91,6 +91,37 @@ def check_staleness(versions: list[int], step: int, max_staleness: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+
+
+def drop_failed_groups(
+    step: int, batch: RolloutBatch, prompts: list[str], scores: RewardScores, num_ranks: int
+) -> tuple[RolloutBatch, list[str], RewardScores, int]:
+    """``reward.on_failure=drop_group``: the prompt groups with an image no reward could score leave
+    the step (each failure logged with its cause); the step stops when fewer groups than learner
+    ranks remain. Without failures (or with on_failure=stop, which raised already) all is kept."""
+    if scores.failed is None or not scores.failed.any():
+        return batch, prompts, scores, 0
+    g = batch.group_size
+    bad = np.unique(np.flatnonzero(scores.failed) // g)
+    keep = np.setdiff1d(np.arange(batch.num_prompts), bad)
+    for line in scores.errors[:3]:
+        log.warning("step %d: %s", step, line)
+    if len(scores.errors) > 3:
+        log.warning("step %d: and %d more reward failure(s)", step, len(scores.errors) - 3)
+    if len(keep) < num_ranks:
+        raise TrainingError(
+            f"step {step}: the rewards failed in {len(bad)} of {batch.num_prompts} prompt groups "
+            f"(reward.on_failure=drop_group), {len(keep)} left for {num_ranks} learner rank(s); "
+            f"first: {scores.errors[0]}"
+        )
+    log.warning(
+        "step %d: %d prompt group(s) dropped from the update (reward.on_failure=drop_group)",
+        step,
+        len(bad),
+    )
+    rows = np.repeat(np.isin(np.arange(batch.num_prompts), keep), g)
+    kept_prompts = [p for p, k in zip(prompts, rows, strict=True) if k]
+    return batch.select_groups(keep), kept_prompts, scores.select(rows), len(bad)
 
 
 class Trainer(RoleCalls, Publishing, Checkpointing):
@@ -219,16 +250,21 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         t0 = time.perf_counter()
         prompts = [p.prompt for p in pending.prompts for _ in range(r.group_size)]
         metadata = [p.metadata for p in pending.prompts for _ in range(r.group_size)]
-        scores = roles.rewards.score(batch.images, prompts, metadata).check(
+        drop = cfg.reward.on_failure == "drop_group"
+        scores = roles.rewards.score(batch.images, prompts, metadata, keep_failures=drop).check(
             "the reward servers", len(prompts)
         )
         t_reward = time.perf_counter() - t0
+        batch, prompts, scores, dropped = drop_failed_groups(
+            step, batch, prompts, scores, len(roles.learners)
+        )
+        num_prompts = batch.num_prompts
 
         import torch
 
         from vgrpo.learner.advantages import combine_rewards
 
-        group_b = np.repeat(np.arange(len(pending.prompts)), r.group_size)
+        group_b = np.repeat(np.arange(num_prompts), r.group_size)
         total, reward_stats = scores.total, {}
         if len(scores.values) > 1:  # several rewards: combined as reward.combine says, each one logged
             values = {k: torch.as_tensor(v) for k, v in scores.values.items()}
@@ -257,7 +293,7 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         t_sync = time.perf_counter() - t0
 
         loss = float(np.mean([res["loss"] for res in results]))
-        n_images = len(prompts)
+        n_images = len(pending.prompts) * r.group_size  # sampled, dropped groups included
         elapsed = time.perf_counter() - t_step
         row: dict[str, Any] = {
             "step": step,
@@ -278,6 +314,7 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
             "weight_sync_bytes": n_bytes,
             "weight_sync_collective": int(collective),
             "reward_retries": scores.retries,
+            "reward/dropped_groups": dropped,
             "adv/zero_std_frac": adv_stats["zero_std_frac"],
             **reward_stats,
         }
