@@ -61,7 +61,8 @@ def sample_heldout(
 ) -> dict[str, Any]:
     """Every held-out image at once: ``{"images": uint8 (N, H, W, 3), "seeds": [N], "settings": {...}}``
     in prompt-major order (N = len(prompts) · images_per_prompt)."""
-    images, seeds = [], []
+    images: list[np.ndarray] = []
+    seeds: list[int] = []
     for chunk, images_bhwc in sample_chunks(
         pipe, prompts, images_per_prompt, seed, batch_size, num_steps, guidance_scale, sampler, shift
     ):

@@ -15,12 +15,14 @@ import ray
 import torch
 
 from vgrpo.core import metrics
-from vgrpo.core.weight_sync import WeightSyncMember
+from vgrpo.core.weight_sync import WeightSyncGroup, WeightSyncMember
 from vgrpo.learner.engine import LearnerEngine
 from vgrpo.proto.messages import TrainShard, WeightUpdate
 
 
 class LearnerShell(LearnerEngine, WeightSyncMember):
+    weight_sync: WeightSyncGroup | None = None  # WeightSyncMember's, restated for the type checker
+
     def __init__(self, *args, threads: int | None = None, **kwargs):
         torch.set_num_threads(threads or os.cpu_count() or 1)
         super().__init__(*args, **kwargs)

@@ -613,7 +613,7 @@ def _flatten(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, 
     """:meth:`LearnerEngine.consolidated_state` -> (tensors by prefixed name, JSON numbers). A tensor
     that shares memory with one already taken (safetensors refuses aliases) is cloned."""
     tensors: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, Any]] = set()
 
     def put(prefix: str, group: dict[str, torch.Tensor] | None) -> None:
         for name, t in (group or {}).items():

@@ -152,7 +152,7 @@ class HPSv2Reward(Reward):
         self.tokenizer = load_pretrained(
             AutoTokenizer.from_pretrained, folder, key + "clip_path", DEFAULT_CLIP
         )
-        model = CLIPModel(config)
+        model: Any = CLIPModel(config)
         try:
             missing, unexpected = model.load_state_dict(open_clip_to_hf(state), strict=False)
         except (KeyError, ValueError, RuntimeError) as e:

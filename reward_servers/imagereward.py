@@ -182,16 +182,17 @@ class ImageRewardReward(Reward):
         self.mlp = aesthetic_mlp()  # the same MLP layout (768-1024-128-64-16-1) with the same indices
         if tcfg.hidden_size != 768:  # a smaller text encoder (tests): the same layers after the first
             self.mlp[0] = torch.nn.Linear(tcfg.hidden_size, 1024)
-        for part, state in (("vision", vision), ("text", text), ("mlp", mlp)):
-            module = getattr(self, part)
+        for name, state in (("vision", vision), ("text", text), ("mlp", mlp)):
+            module = getattr(self, name)
             try:
                 missing, _ = module.load_state_dict(state, strict=False)
             except RuntimeError as e:
-                raise ValueError(f"{bad} ({part}: {str(e)[:200]})") from None
+                raise ValueError(f"{bad} ({name}: {str(e)[:200]})") from None
             if missing := [k for k in missing if not k.endswith("position_ids")]:
-                raise ValueError(f"{bad} ({part} lacks {missing[:4]})")
+                raise ValueError(f"{bad} ({name} lacks {missing[:4]})")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        for part in (self.vision, self.text, self.mlp):
+        parts: list[Any] = [self.vision, self.text, self.mlp]
+        for part in parts:
             part.to(self.device).eval()
         self.size = int(vcfg.image_size)
         self.batch_size = max(1, int(batch_size))

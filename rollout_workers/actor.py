@@ -16,12 +16,14 @@ import torch
 from vgrpo.core import metrics
 from vgrpo.core.adapters import load_weights, trainable_params
 from vgrpo.core.heldout import sample_heldout
-from vgrpo.core.weight_sync import WeightSyncMember
+from vgrpo.core.weight_sync import WeightSyncGroup, WeightSyncMember
 from vgrpo.proto.messages import RolloutBatch, WeightUpdate
 from vgrpo.rollout_workers.engine import RolloutEngine
 
 
 class RolloutWorkerShell(RolloutEngine, WeightSyncMember):
+    weight_sync: WeightSyncGroup | None = None  # WeightSyncMember's, restated for the type checker
+
     def __init__(self, *args, threads: int | None = None, **kwargs):
         torch.set_num_threads(threads or os.cpu_count() or 1)
         super().__init__(*args, **kwargs)

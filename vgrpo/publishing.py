@@ -27,6 +27,7 @@ class Publishing:
 
     on_workers: Callable[[Roles, dict[int, Any], str, int], dict[int, Any]]  # RoleCalls
     on_learners: Callable[[Roles, list[Any], str, int], list[Any]]  # RoleCalls
+    resume_hint: Callable[[], str]  # RoleCalls
 
     def _publish(self, version: int, weights: Any) -> Any:
         """Keep ``weights`` (an ObjectRef) as version ``version``; drop versions no pending rollout can
