@@ -174,7 +174,15 @@ class LearnerEngine:
             if self.cfg.backend != "auto"
             else ("nccl" if self.device.type == "cuda" else "gloo")
         )
+        fresh = not torch.distributed.is_initialized()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        if fresh:
+            # DeepSpeed caches its clone of the world group in a module global; a process that ran an
+            # engine before (and destroyed its process group: `vgrpo plan --measure` after another local
+            # loop, tests) would hand the new engine the dead group ("Group ... is not registered")
+            from deepspeed.utils import groups as ds_groups
+
+            ds_groups._WORLD_GROUP = None
         torch.manual_seed(self.seed)
         bf16 = self.cfg.precision == "bfloat16" or (
             self.cfg.precision == "auto" and self.device.type == "cuda"

@@ -87,8 +87,8 @@ class Worker:
 
     def __init__(self, name: str):
         self.name = name
-        self.updates: list[tuple[int, Any]] = []
-        self.update_weights = SimpleNamespace(remote=lambda v, w: self.updates.append((v, w)))
+        self.updates: list[Any] = []
+        self.update_weights = SimpleNamespace(remote=lambda w: self.updates.append(w))
 
 
 class StandIn:
@@ -139,7 +139,7 @@ def test_a_dead_worker_is_replaced_and_only_its_call_redone(
     # the replacement holds the version the share was to be sampled with (so the batch stays one version)
     assert roles.replaced == [(1, 2, "ref-v2")]
     # ... and then catches up with the current version, like the others
-    assert roles.workers[1].updates == [(3, "ref-v3")] and roles.workers[0].updates == []
+    assert roles.workers[1].updates == ["ref-v3"] and roles.workers[0].updates == []
     assert "rollout worker 1 died during sampling step 4" in caplog.text
     # versions older than any pending rollout can need are dropped
     trainer._publish(4, "ref-v4")
@@ -163,6 +163,7 @@ def test_a_dead_learner_rank_stops_the_run_naming_the_rank_and_resume(trainer: T
     peer_error = TrainingError("learner rank 0 (train_step) failed:\nRuntimeError: Connection closed by peer")
     (trainer.run.checkpoints / "step_2").mkdir()
     (trainer.run.checkpoints / "step_2" / "driver_state.json").write_text("{}")
+    (trainer.run.checkpoints / "step_2" / "policy.safetensors").write_bytes(b"")  # what a complete one needs
     with pytest.raises(TrainingError, match=r"learner rank 1 died .*the last checkpoint \(step 2\)"):
         trainer.on_learners(StandIn([], dead_ranks=[1], error=peer_error), ["r0", "r1"], "train_step", 3)  # type: ignore[arg-type]
     # no rank is dead: the rank's own error stands
