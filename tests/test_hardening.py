@@ -118,7 +118,9 @@ def test_a_run_directory_that_holds_a_run_is_refused_or_overwritten(tmp_path: Pa
     ckpt.mkdir(parents=True)
     recorded = identity(load_config(None))
     (ckpt / "driver_state.json").write_text(json.dumps({"step": 1, "identity": recorded}))
-    (ckpt / "policy.safetensors").write_bytes(b"")  # a complete checkpoint has both (no manifest: older layout)
+    (ckpt / "policy.safetensors").write_bytes(
+        b""
+    )  # a complete checkpoint has both (no manifest: older layout)
     with pytest.raises(TrainingError, match=r"algorithm\.name = 'dgpo'.*trained with 'vgrpo'"):
         train(load_config(None, ["algorithm.name=dgpo"]), run, resume=True)
 
