@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,22 +102,9 @@ def aesthetic_mlp() -> Any:
 def load_aesthetic_mlp(path: str, key: str, in_features: int = 768) -> Any:
     """The MLP from ``path`` (upstream's ``.pth`` state dict, keys ``layers.<i>.weight`` — read with
     ``weights_only=True`` — or a ``.safetensors`` of the same keys, with or without ``layers.``)."""
-    import torch
+    from vgrpo.reward_servers.hf_weights import load_tensor_file
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{key}={path!r}: no such file; fix: download {AESTHETIC_MLP_URL} and set {key}=FILE"
-        )
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-    else:
-        try:
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
-        except Exception as e:  # a pickle with code in it is refused by weights_only, not run
-            raise ValueError(f"{key}={path!r}: not a state dict of tensors ({e})") from None
+    state = load_tensor_file(path, key, AESTHETIC_MLP_URL)
     state = {k.removeprefix("layers."): v for k, v in state.items()}
     mlp = aesthetic_mlp()
     if in_features != 768:  # a smaller CLIP (tests): the same layers after the first

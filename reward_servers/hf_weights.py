@@ -87,3 +87,41 @@ def load_pretrained(loader: Callable[..., T], path: str, key: str, default_id: s
         raise RewardWeightsError(
             missing_weights_message(key, path, default_id, f"cannot load it ({first[:200]})")
         ) from e
+
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics (ViT preprocessing)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_tensor_file(path: str, key: str, url: str) -> dict[str, Any]:
+    """A file of tensors a reward's upstream publishes (a ``.pt`` / ``.pth`` state dict, read with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, no code runs; or a
+    ``.safetensors`` file), as a dict. Raises FileNotFoundError naming ``key`` and where to download it,
+    and ValueError for a file that is not tensors (a pickle with code in it is refused, not run)."""
+    import torch
+
+    file = Path(path).expanduser()
+    if not path or not file.is_file():
+        raise FileNotFoundError(
+            f"{key}={path!r}: no such file; fix: download {url} (on a machine with network) and set {key}=FILE"
+        )
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(file)))
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{key}={path!r}: not a state dict of tensors ({str(e)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{key}={path!r}: not a state dict of tensors (a {type(obj).__name__})")
+    return obj
+
+
+def clip_pixels(images: list[Any], size: int, prepare: Callable[[Any, int], Any]) -> Any:
+    """A (B, 3, size, size) float tensor: each image through ``prepare(image, size)`` (an upstream's
+    resize/crop/pad, giving H x W x 3 floats in [0, 1]), normalised with OpenAI CLIP's mean and std."""
+    import torch
+
+    mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+    return torch.stack([(torch.from_numpy(prepare(im, size)).permute(2, 0, 1) - mean) / std for im in images])

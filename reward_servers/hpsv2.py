@@ -18,17 +18,15 @@ same keys — and its keys are renamed to CLIPModel's by ``open_clip_to_hf`` bel
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.reward_servers.hf_weights import clip_pixels, load_tensor_file
 
 DEFAULT_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CHECKPOINT_URL = "https://huggingface.co/xswu/HPSv2/resolve/main/HPS_v2.1_compressed.pt"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_TEXT_TOKENS = 77
 # open_clip buffers that are not weights (rebuilt from the config): ignored when present
 _NOT_WEIGHTS = ("attn_mask",)
@@ -84,29 +82,12 @@ def open_clip_to_hf(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str, key: str) -> dict[str, Any]:
-    """The open_clip state dict in ``path``: upstream's ``.pt`` (``{"state_dict": …}`` or the bare dict,
-    read with ``weights_only=True``) or a ``.safetensors`` file."""
-    import torch
-
-    file = Path(path).expanduser()
-    if not path or not file.is_file():
-        raise FileNotFoundError(
-            f"{key}={path!r}: no such file; fix: download {CHECKPOINT_URL} (on a machine with network) "
-            f"and set {key}=FILE"
-        )
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(file)))
-    try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code in it is refused by weights_only, not run
-        raise ValueError(f"{key}={path!r}: not a checkpoint of tensors ({str(e)[:200]})") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    """The open_clip state dict in ``path``: upstream's ``.pt`` (``{"state_dict": …}`` or the bare dict)
+    or a ``.safetensors`` file (hf_weights.load_tensor_file: tensors only)."""
+    obj = load_tensor_file(path, key, CHECKPOINT_URL)
+    state = obj.get("state_dict", obj)
     if not isinstance(state, dict):
-        raise ValueError(
-            f"{key}={path!r}: want a dict of tensors (or {{'state_dict': …}}), got {type(obj).__name__}"
-        )
+        raise ValueError(f"{key}={path!r}: want a dict of tensors (or {{'state_dict': …}})")
     return state
 
 
@@ -176,13 +157,10 @@ class HPSv2Reward(Reward):
         import torch
 
         self.check_batch(images, prompts, metadata)
-        mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
         out: list[ScoredItem] = []
         for start in range(0, len(images), self.batch_size):
             ims, txt = images[start : start + self.batch_size], prompts[start : start + self.batch_size]
-            pixels = torch.stack(
-                [(torch.from_numpy(pad_resize(im, self.size)).permute(2, 0, 1) - mean) / std for im in ims]
-            )
+            pixels = clip_pixels(ims, self.size, pad_resize)
             tok = self.tokenizer(
                 list(txt),
                 padding="max_length",

@@ -19,18 +19,16 @@ from the tensors' shapes (head width 64, as ViT-L and BERT-base).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.reward_servers.hf_weights import clip_pixels, load_tensor_file
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
 CHECKPOINT_URL = "https://huggingface.co/THUDM/ImageReward/resolve/main/ImageReward.pt"
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # upstream ImageReward.__init__
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_TEXT_TOKENS = 35
 HEAD_WIDTH = 64
 
@@ -101,28 +99,6 @@ def configs_from_shapes(vision: dict[str, Any], text: dict[str, Any]) -> tuple[A
     return vcfg, tcfg
 
 
-def load_checkpoint(path: str, key: str) -> dict[str, Any]:
-    import torch
-
-    file = Path(path).expanduser()
-    if not path or not file.is_file():
-        raise FileNotFoundError(
-            f"{key}={path!r}: no such file; fix: download {CHECKPOINT_URL} (on a machine with network) "
-            f"and set {key}=FILE"
-        )
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(file)))
-    try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code in it is refused by weights_only, not run
-        raise ValueError(f"{key}={path!r}: not a checkpoint of tensors ({str(e)[:200]})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{key}={path!r}: want a dict of tensors, got {type(state).__name__}")
-    return state
-
-
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     """Upstream's ``_transform``: shorter side to ``size`` (bicubic), centre crop, [0, 1] float32."""
     from PIL import Image
@@ -159,7 +135,7 @@ class ImageRewardReward(Reward):
         from vgrpo.reward_servers.hf_weights import load_pretrained, resolve_weights
 
         key = "reward.servers.imagereward.options."
-        vision, text, mlp = split_checkpoint(load_checkpoint(checkpoint, key + "checkpoint"))
+        vision, text, mlp = split_checkpoint(load_tensor_file(checkpoint, key + "checkpoint", CHECKPOINT_URL))
         bad = f"{key}checkpoint={checkpoint!r}: not an ImageReward checkpoint"
         try:
             vcfg, tcfg = configs_from_shapes(vision, text)
@@ -203,13 +179,10 @@ class ImageRewardReward(Reward):
         import torch
 
         self.check_batch(images, prompts, metadata)
-        mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
         out: list[ScoredItem] = []
         for start in range(0, len(images), self.batch_size):
             ims, txt = images[start : start + self.batch_size], prompts[start : start + self.batch_size]
-            pixels = torch.stack(
-                [(torch.from_numpy(preprocess(im, self.size)).permute(2, 0, 1) - mean) / std for im in ims]
-            )
+            pixels = clip_pixels(ims, self.size, preprocess)
             tok = self.tokenizer(
                 list(txt),
                 padding="max_length",
