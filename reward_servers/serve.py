@@ -557,12 +557,14 @@ def app_name(reward: str) -> str:
     return APP_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", reward)
 
 
-def check_reward_names(names: Sequence[str]) -> None:
+def check_reward_names(names: Sequence[str], reward_cfg: RewardConfig | None = None) -> None:
     """Raises UnknownRewardError for a name that is neither available nor an importable
-    `module:Class` — before anything is started, so that a typo costs a second, not a cluster."""
+    `module:Class` — before anything is started, so that a typo costs a second, not a cluster. A
+    `module:Class` whose server brings its own code (`runtime_env`) is resolved where it runs."""
     known = set(registry.available_rewards())
     for name in names:
-        if not registry.is_resolvable(name, known):
+        elsewhere = reward_cfg is not None and reward_cfg.server(name).own_code()
+        if not registry.is_resolvable(name, known, elsewhere):
             raise registry.UnknownRewardError(
                 f"unknown reward {name!r}; available: {', '.join(sorted(known))} "
                 "(or a plug-in as package.module:ClassName)"
@@ -690,7 +692,7 @@ def deploy_rewards(
     names = list(names) if names is not None else list(reward_cfg.weights)
     if not names:
         raise ValueError("no reward to deploy; fix: --rewards shapes or reward.weights")
-    check_reward_names(names)
+    check_reward_names(names, reward_cfg)
     options = {name: _deployment_options(name, reward_cfg.server(name)) for name in names}
     _start_serve(http, host, port, quiet)
     targets, apps = [], {}
@@ -800,7 +802,7 @@ def serve_forever(
 
     names = list(names) if names else list(reward_cfg.weights)
     try:
-        check_reward_names(names)
+        check_reward_names(names, reward_cfg)
         for name in names:
             _deployment_options(name, reward_cfg.server(name))
     except (ValueError, KeyError) as e:

@@ -538,3 +538,72 @@ def replace_failed(scores: Any, mask: list[bool]) -> Any:
 
     m = np.array(mask)
     return replace(scores, failed=m, total=np.where(m, np.nan, 1.0))
+
+
+_ISOLATED_REWARD = '''
+import os
+
+from vgrpo.reward_servers.base import Reward, ScoredItem
+
+
+class EnvReward(Reward):
+    """A plug-in that exists only in its server's working_dir and reads its server's env_vars."""
+
+    name = "env"
+
+    def score(self, images, prompts, metadata=None):
+        extra = 0.0
+        if os.environ.get("VGRPO_TEST_NEEDS_PIP"):
+            import tomli_w  # installed into this server's runtime_env only
+
+            extra = float(len(tomli_w.dumps({"a": 1})))
+        value = float(os.environ["VGRPO_TEST_REWARD_VALUE"]) + extra
+        return [ScoredItem(value) for _ in images]
+'''
+
+
+def _isolated_reward(ray_cluster: dict[str, Any], tmp_path: Path, env: dict[str, Any]) -> list[float]:
+    """Deploys `isolated_reward:EnvReward` from a working_dir the driver cannot import, with `env` as its
+    runtime_env (besides the working_dir), and scores two images through it."""
+    import importlib.util
+
+    from vgrpo.proto.config import RewardConfig, RewardServerConfig
+    from vgrpo.reward_servers.registry import UnknownRewardError
+    from vgrpo.reward_servers.serve import RewardClient, check_reward_names, deploy_rewards, shutdown_rewards
+
+    pkg = tmp_path / "reward_pkg"
+    pkg.mkdir()
+    (pkg / "isolated_reward.py").write_text(_ISOLATED_REWARD)
+    name = "isolated_reward:EnvReward"
+    assert importlib.util.find_spec("isolated_reward") is None  # not importable by the driver ...
+    with pytest.raises(UnknownRewardError, match="isolated_reward"):
+        check_reward_names([name])  # ... so without a runtime_env it is refused before anything starts
+    server = RewardServerConfig(cpus=0.1, runtime_env={"working_dir": str(pkg), **env})
+    cfg = RewardConfig(weights={name: 1.0}, servers={name: server}, timeout_s=600)
+    handles = deploy_rewards(cfg, quiet=True, timeout_s=600)
+    try:
+        scores = RewardClient(handles, cfg).score(_images(2), ["a", "b"])
+        return scores.values[name].tolist()
+    finally:
+        shutdown_rewards()
+
+
+def test_a_plug_in_reward_runs_in_its_own_runtime_env(ray_cluster: dict[str, Any], tmp_path: Path):
+    """reward.servers.<name>.runtime_env: the replicas get their own working_dir and env_vars, which the
+    trainer's process does not have."""
+    import os
+
+    got = _isolated_reward(ray_cluster, tmp_path, {"env_vars": {"VGRPO_TEST_REWARD_VALUE": "0.25"}})
+    assert got == [0.25, 0.25] and "VGRPO_TEST_REWARD_VALUE" not in os.environ
+
+
+@pytest.mark.slow  # Ray builds a virtualenv and pip-installs into it (needs the package index): ~1 min
+def test_a_reward_server_pip_installs_what_only_it_needs(ray_cluster: dict[str, Any], tmp_path: Path):
+    import importlib.util
+
+    assert importlib.util.find_spec("tomli_w") is None, "tomli_w must not be in the trainer's environment"
+    env = {
+        "pip": ["tomli-w==1.0.0"],
+        "env_vars": {"VGRPO_TEST_REWARD_VALUE": "1", "VGRPO_TEST_NEEDS_PIP": "1"},
+    }
+    assert _isolated_reward(ray_cluster, tmp_path, env) == [7.0, 7.0]  # 1 + len('a = 1\n')
