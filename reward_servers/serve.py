@@ -20,6 +20,7 @@ import base64
 import concurrent.futures
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -635,6 +636,10 @@ def _start_serve(http: bool, host: str, port: int, quiet: bool) -> None:
                 )
         return
     logging_config = _QUIET_LOGS if quiet else None
+    if quiet:
+        # Serve's client logs "Started Serve", "Connecting to existing Serve app" and its router's start
+        # at INFO on every run: nothing a user acts on; its warnings and errors still show
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if http:
         serve.start(
             proxy_location="HeadOnly",
