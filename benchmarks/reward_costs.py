@@ -50,7 +50,8 @@ def _clip(vision: dict, text: dict, projection: int) -> tuple[Any, float, float]
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(0)
-    text = dict(text, vocab_size=len(tok), max_position_embeddings=77, eos_token_id=tok.eos_token_id)
+    ids = dict(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    text = dict(text, vocab_size=len(tok), max_position_embeddings=77, **ids)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)).eval()
     tokens_v = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
     embed = model.text_model.embeddings.token_embedding.weight.numel()

@@ -213,6 +213,12 @@ class RewardServerConfig(Section):
             raise ValueError(f"runtime_env keys {unknown} are not Ray's; known: {', '.join(sorted(known))}")
         return v
 
+    def own_code(self) -> bool:
+        """Whether the replicas bring code the driver may not have (a runtime_env with packages or a
+        working_dir): a ``module:Class`` reward is then resolved where it runs, not checked here."""
+        code = ("pip", "uv", "conda", "working_dir", "py_modules", "container", "image_uri")
+        return any(k in (self.runtime_env or {}) for k in code)
+
 
 class RewardConfig(Section):
     weights: dict[str, float] = Field(

@@ -134,14 +134,18 @@ def available_rewards() -> list[str]:
     return sorted({*_BUILTIN, *_REGISTERED, *_entry_points()})
 
 
-def is_resolvable(name: str, known: set[str] | None = None) -> bool:
+def is_resolvable(name: str, known: set[str] | None = None, elsewhere: bool = False) -> bool:
     """Whether ``name`` is an available reward or a ``module:Class`` whose module can be found — checked
-    without importing any reward model, so a typo fails before anything starts."""
+    without importing any reward model, so a typo fails before anything starts. ``elsewhere``: the
+    reward's replicas bring their own code (a runtime_env), so a ``module:Class`` is taken as given
+    (a wrong one fails its deployment at start-up, with Serve's error)."""
     import importlib.util
 
     if name in (known if known is not None else set(available_rewards())):
         return True
     module = name.partition(":")[0] if ":" in name else ""
+    if elsewhere and module:
+        return True
     try:
         return bool(module) and importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):

@@ -20,6 +20,7 @@ import base64
 import concurrent.futures
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -557,12 +558,14 @@ def app_name(reward: str) -> str:
     return APP_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", reward)
 
 
-def check_reward_names(names: Sequence[str]) -> None:
+def check_reward_names(names: Sequence[str], reward_cfg: RewardConfig | None = None) -> None:
     """Raises UnknownRewardError for a name that is neither available nor an importable
-    `module:Class` — before anything is started, so that a typo costs a second, not a cluster."""
+    `module:Class` — before anything is started, so that a typo costs a second, not a cluster. A
+    `module:Class` whose server brings its own code (`runtime_env`) is resolved where it runs."""
     known = set(registry.available_rewards())
     for name in names:
-        if not registry.is_resolvable(name, known):
+        elsewhere = reward_cfg is not None and reward_cfg.server(name).own_code()
+        if not registry.is_resolvable(name, known, elsewhere):
             raise registry.UnknownRewardError(
                 f"unknown reward {name!r}; available: {', '.join(sorted(known))} "
                 "(or a plug-in as package.module:ClassName)"
@@ -615,6 +618,25 @@ def _serve_is_running() -> bool:
         return False
 
 
+def _upload_local_code(env: dict[str, Any]) -> dict[str, Any]:
+    """A reward server's runtime_env with its local ``working_dir`` / ``py_modules`` paths uploaded to the
+    cluster (``gcs://`` URIs). Serve takes a deployment's runtime_env as given and refuses a local path
+    ("Expected URI but received path"); Ray uploads them only for a job's runtime_env, in ``ray.init``.
+    The same upload functions ``ray.init`` calls (Ray 2.60's runtime_env packaging) do it here, so that
+    a plug-in reward can ship from a folder beside the launch script. Remote URIs pass unchanged."""
+    if not any(k in env for k in ("working_dir", "py_modules")):
+        return env
+    from ray._private import worker as ray_worker
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    scratch = ray_worker.global_worker.node.get_runtime_env_dir_path()
+    env = upload_py_modules_if_needed(dict(env), include_gitignore=True, scratch_dir=scratch)
+    env = upload_working_dir_if_needed(env, include_gitignore=True, scratch_dir=scratch)
+    env.pop("excludes", None)
+    return env
+
+
 def _start_serve(http: bool, host: str, port: int, quiet: bool) -> None:
     """Starts Serve (no HTTP proxy for training, so nothing listens on a port) or joins the running one."""
     global _owns_serve
@@ -633,6 +655,10 @@ def _start_serve(http: bool, host: str, port: int, quiet: bool) -> None:
                 )
         return
     logging_config = _QUIET_LOGS if quiet else None
+    if quiet:
+        # Serve's client logs "Started Serve", "Connecting to existing Serve app" and its router's start
+        # at INFO on every run: nothing a user acts on; its warnings and errors still show
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if http:
         serve.start(
             proxy_location="HeadOnly",
@@ -690,8 +716,12 @@ def deploy_rewards(
     names = list(names) if names is not None else list(reward_cfg.weights)
     if not names:
         raise ValueError("no reward to deploy; fix: --rewards shapes or reward.weights")
-    check_reward_names(names)
+    check_reward_names(names, reward_cfg)
     options = {name: _deployment_options(name, reward_cfg.server(name)) for name in names}
+    for opts in options.values():
+        actor = opts.get("ray_actor_options", {})
+        if actor.get("runtime_env"):
+            actor["runtime_env"] = _upload_local_code(actor["runtime_env"])
     _start_serve(http, host, port, quiet)
     targets, apps = [], {}
     logs = _QUIET_LOGS if quiet else None
@@ -800,7 +830,7 @@ def serve_forever(
 
     names = list(names) if names else list(reward_cfg.weights)
     try:
-        check_reward_names(names)
+        check_reward_names(names, reward_cfg)
         for name in names:
             _deployment_options(name, reward_cfg.server(name))
     except (ValueError, KeyError) as e:

@@ -389,3 +389,36 @@ def test_a_binary_yaml_and_a_lora_typo_are_named(tmp_path: Path):
     net.attn.add_module("to_q", torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"model\.lora\.target_modules names \['to_qq'\].*to_q"):
         add_lora(net, LoraConfig(target_modules=["to_q", "to_qq"]))
+
+
+def test_the_hacking_alarm_fires_on_a_real_run_that_collapsed():
+    """Race v2's MixGRPO seed 1 (benchmarks/results/race_v2_runs): held-out 0.575 at step 60, 0.224 at 160
+    while its training reward held up. Replayed step by step, the alarm rises at step 100, the second
+    evaluation after the peak; DGPO seed 2, whose held-out score rose after an early dip, never raises it."""
+    import json
+    import logging
+
+    from vgrpo.health import HealthWatch
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "race_v2_runs"
+
+    def first_alarm(run: str) -> int | None:
+        d = json.loads((root / run / "result.json").read_text())
+        evals = {e["step"]: e["overall"] for e in d["evals"]}
+        watch = HealthWatch()
+        for step, reward in zip(d["steps"], d["reward_mean"], strict=True):
+            row = {
+                "step": step,
+                "reward_mean": reward,
+                **({"eval/overall": evals[step]} if step in evals else {}),
+            }
+            if watch.update(row)["health/reward_hacking"]:
+                return int(step)
+        return None
+
+    logging.getLogger("vgrpo").disabled = True
+    try:
+        assert first_alarm("mixgrpo_s1") == 100
+        assert first_alarm("dgpo_s2") is None
+    finally:
+        logging.getLogger("vgrpo").disabled = False

@@ -130,3 +130,35 @@ def test_dropping_failed_groups_keeps_every_array_in_step():
     sel = s.select(np.array([True, True, False, False, True, True]))
     assert sel.total.tolist() == [0.1, 0.2, 0.5, 0.6] and [d["i"] for d in sel.details["r"]] == [0, 1, 4, 5]
     assert sel.failed is not None and not sel.failed.any()
+
+
+def test_drop_group_leaves_the_failed_groups_out_and_stops_when_too_few_remain(
+    caplog: pytest.LogCaptureFixture,
+):
+    from vgrpo.driver import TrainingError, drop_failed_groups
+    from vgrpo.proto.config import RunConfig
+
+    assert RunConfig().reward.on_failure == "stop"  # the default: a failure ends the run, naming it
+    b = batch(p=3, g=2)
+    prompts = [f"p{i // 2}" for i in range(6)]
+    v = np.array([0.1, 0.2, 0.3, np.nan, 0.5, 0.6])
+    scores = RewardScores({"r": v}, v.copy(), {}, {}, 0.0, 0, failed=np.isnan(v), errors=["reward 'r' failed on image 3"])  # fmt: skip
+    with caplog.at_level("WARNING", logger="vgrpo"):
+        kept, kp, ks, dropped = drop_failed_groups(7, b, prompts, scores, num_ranks=1)
+    assert dropped == 1 and kp == ["p0", "p0", "p2", "p2"] and ks.total.tolist() == [0.1, 0.2, 0.5, 0.6]
+    assert (
+        kept.num_prompts == 2
+        and "failed on image 3" in caplog.text
+        and "1 prompt group(s) dropped" in caplog.text
+    )
+    with pytest.raises(TrainingError, match="1 left for 2 learner rank"):
+        drop_failed_groups(
+            7, b, prompts, replace_failed(scores, [True, False, False, True, False, False]), num_ranks=2
+        )
+    clean = RewardScores({"r": np.ones(6)}, np.ones(6), {}, {}, 0.0, 0)
+    assert drop_failed_groups(7, b, prompts, clean, num_ranks=2)[3] == 0
+
+
+def replace_failed(scores: RewardScores, mask: list[bool]) -> RewardScores:
+    m = np.array(mask)
+    return replace(scores, failed=m, total=np.where(m, np.nan, 1.0))

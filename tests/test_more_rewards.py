@@ -504,37 +504,70 @@ def test_imagereward_loads_upstreams_checkpoint_and_scores_as_upstream(tmp_path:
         )
 
 
-def test_drop_group_leaves_the_failed_groups_out_and_stops_when_too_few_remain(
-    caplog: pytest.LogCaptureFixture,
-):
-    from tests.test_messages import batch
-    from vgrpo.driver import TrainingError, drop_failed_groups
-    from vgrpo.proto.config import RunConfig
-    from vgrpo.proto.messages import RewardScores
+_ISOLATED_REWARD = '''
+import os
 
-    assert RunConfig().reward.on_failure == "stop"  # the default: a failure ends the run, naming it
-    b = batch(p=3, g=2)
-    prompts = [f"p{i // 2}" for i in range(6)]
-    v = np.array([0.1, 0.2, 0.3, np.nan, 0.5, 0.6])
-    scores = RewardScores({"r": v}, v.copy(), {}, {}, 0.0, 0, failed=np.isnan(v), errors=["reward 'r' failed on image 3"])  # fmt: skip
-    with caplog.at_level("WARNING", logger="vgrpo"):
-        kept, kp, ks, dropped = drop_failed_groups(7, b, prompts, scores, num_ranks=1)
-    assert dropped == 1 and kp == ["p0", "p0", "p2", "p2"] and ks.total.tolist() == [0.1, 0.2, 0.5, 0.6]
-    assert (
-        kept.num_prompts == 2
-        and "failed on image 3" in caplog.text
-        and "1 prompt group(s) dropped" in caplog.text
-    )
-    with pytest.raises(TrainingError, match="1 left for 2 learner rank"):
-        drop_failed_groups(
-            7, b, prompts, replace_failed(scores, [True, False, False, True, False, False]), num_ranks=2
-        )
-    clean = RewardScores({"r": np.ones(6)}, np.ones(6), {}, {}, 0.0, 0)
-    assert drop_failed_groups(7, b, prompts, clean, num_ranks=2)[3] == 0
+from vgrpo.reward_servers.base import Reward, ScoredItem
 
 
-def replace_failed(scores: Any, mask: list[bool]) -> Any:
-    from dataclasses import replace
+class EnvReward(Reward):
+    """A plug-in that exists only in its server's working_dir and reads its server's env_vars."""
 
-    m = np.array(mask)
-    return replace(scores, failed=m, total=np.where(m, np.nan, 1.0))
+    name = "env"
+
+    def score(self, images, prompts, metadata=None):
+        extra = 0.0
+        if os.environ.get("VGRPO_TEST_NEEDS_PIP"):
+            import tomli_w  # installed into this server's runtime_env only
+
+            extra = float(len(tomli_w.dumps({"a": 1})))
+        value = float(os.environ["VGRPO_TEST_REWARD_VALUE"]) + extra
+        return [ScoredItem(value) for _ in images]
+'''
+
+
+def _isolated_reward(ray_cluster: dict[str, Any], tmp_path: Path, env: dict[str, Any]) -> list[float]:
+    """Deploys `isolated_reward:EnvReward` from a working_dir the driver cannot import, with `env` as its
+    runtime_env (besides the working_dir), and scores two images through it."""
+    import importlib.util
+
+    from vgrpo.proto.config import RewardConfig, RewardServerConfig
+    from vgrpo.reward_servers.registry import UnknownRewardError
+    from vgrpo.reward_servers.serve import RewardClient, check_reward_names, deploy_rewards, shutdown_rewards
+
+    pkg = tmp_path / "reward_pkg"
+    pkg.mkdir()
+    (pkg / "isolated_reward.py").write_text(_ISOLATED_REWARD)
+    name = "isolated_reward:EnvReward"
+    assert importlib.util.find_spec("isolated_reward") is None  # not importable by the driver ...
+    with pytest.raises(UnknownRewardError, match="isolated_reward"):
+        check_reward_names([name])  # ... so without a runtime_env it is refused before anything starts
+    server = RewardServerConfig(cpus=0.1, runtime_env={"working_dir": str(pkg), **env})
+    cfg = RewardConfig(weights={name: 1.0}, servers={name: server}, timeout_s=600)
+    handles = deploy_rewards(cfg, quiet=True, timeout_s=600)
+    try:
+        scores = RewardClient(handles, cfg).score(_images(2), ["a", "b"])
+        return scores.values[name].tolist()
+    finally:
+        shutdown_rewards()
+
+
+def test_a_plug_in_reward_runs_in_its_own_runtime_env(ray_cluster: dict[str, Any], tmp_path: Path):
+    """reward.servers.<name>.runtime_env: the replicas get their own working_dir and env_vars, which the
+    trainer's process does not have."""
+    import os
+
+    got = _isolated_reward(ray_cluster, tmp_path, {"env_vars": {"VGRPO_TEST_REWARD_VALUE": "0.25"}})
+    assert got == [0.25, 0.25] and "VGRPO_TEST_REWARD_VALUE" not in os.environ
+
+
+@pytest.mark.slow  # Ray builds a virtualenv and pip-installs into it (needs the package index): ~1 min
+def test_a_reward_server_pip_installs_what_only_it_needs(ray_cluster: dict[str, Any], tmp_path: Path):
+    import importlib.util
+
+    assert importlib.util.find_spec("tomli_w") is None, "tomli_w must not be in the trainer's environment"
+    env = {
+        "pip": ["tomli-w==1.0.0"],
+        "env_vars": {"VGRPO_TEST_REWARD_VALUE": "1", "VGRPO_TEST_NEEDS_PIP": "1"},
+    }
+    assert _isolated_reward(ray_cluster, tmp_path, env) == [7.0, 7.0]  # 1 + len('a = 1\n')

@@ -16,6 +16,18 @@ from vgrpo.roles import TrainingError
 log = logging.getLogger("vgrpo")
 
 
+class _DropTokenNotice(logging.Filter):
+    """Ray 2.60 warns "Token authentication is enabled for this Ray cluster" on every start once a token
+    exists. vgrpo turns token mode on deliberately (enable_token_auth_if_available) and keeps the token
+    private (private_token_file); the notice asks nothing of the user, so it is dropped at its logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DropTokenNotice())
+
+
 class StopRequest:
     """Ctrl-C / SIGTERM inside the loop ask for a stop at the next step boundary (so the checkpoint is
     consistent: learner, rollout weights and data position of one step); a second signal, or one outside

@@ -145,7 +145,7 @@ def check_reward_names(cfg: RunConfig) -> None:
     known = set(available_rewards())
     problems = []
     for name in cfg.reward.weights:
-        if not is_resolvable(name, known):
+        if not is_resolvable(name, known, cfg.reward.server(name).own_code()):
             problems.append(
                 f"reward.weights.{name}: unknown reward; available: {', '.join(sorted(known))} "
                 "(or a plug-in as package.module:ClassName)"
