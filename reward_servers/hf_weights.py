@@ -118,6 +118,13 @@ def load_tensor_file(path: str, key: str, url: str) -> dict[str, Any]:
     return obj
 
 
+def padded_tokens(tokenizer: Any, prompts: list[str], max_length: int, device: str) -> Any:
+    """The prompts tokenised as upstream scorers do: padded to ``max_length``, truncated there."""
+    return tokenizer(
+        list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    ).to(device)
+
+
 def clip_pixels(images: list[Any], size: int, prepare: Callable[[Any, int], Any]) -> Any:
     """A (B, 3, size, size) float tensor: each image through ``prepare(image, size)`` (an upstream's
     resize/crop/pad, giving H x W x 3 floats in [0, 1]), normalised with OpenAI CLIP's mean and std."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vgrpo.reward_servers.base import Reward, ScoredItem
-from vgrpo.reward_servers.hf_weights import clip_pixels, load_tensor_file
+from vgrpo.reward_servers.hf_weights import clip_pixels, load_tensor_file, padded_tokens
 
 DEFAULT_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CHECKPOINT_URL = "https://huggingface.co/xswu/HPSv2/resolve/main/HPS_v2.1_compressed.pt"
@@ -161,13 +161,7 @@ class HPSv2Reward(Reward):
         for start in range(0, len(images), self.batch_size):
             ims, txt = images[start : start + self.batch_size], prompts[start : start + self.batch_size]
             pixels = clip_pixels(ims, self.size, pad_resize)
-            tok = self.tokenizer(
-                list(txt),
-                padding="max_length",
-                truncation=True,
-                max_length=MAX_TEXT_TOKENS,
-                return_tensors="pt",
-            )
+            tok = padded_tokens(self.tokenizer, txt, MAX_TEXT_TOKENS, self.device)
             with torch.no_grad():
                 m = self.model
                 img = m.visual_projection(m.vision_model(pixel_values=pixels.to(self.device)).pooler_output)

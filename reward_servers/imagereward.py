@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from vgrpo.reward_servers.base import Reward, ScoredItem
-from vgrpo.reward_servers.hf_weights import clip_pixels, load_tensor_file
+from vgrpo.reward_servers.hf_weights import clip_pixels, load_tensor_file, padded_tokens
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
 CHECKPOINT_URL = "https://huggingface.co/THUDM/ImageReward/resolve/main/ImageReward.pt"
@@ -183,13 +183,7 @@ class ImageRewardReward(Reward):
         for start in range(0, len(images), self.batch_size):
             ims, txt = images[start : start + self.batch_size], prompts[start : start + self.batch_size]
             pixels = clip_pixels(ims, self.size, preprocess)
-            tok = self.tokenizer(
-                list(txt),
-                padding="max_length",
-                truncation=True,
-                max_length=MAX_TEXT_TOKENS,
-                return_tensors="pt",
-            ).to(self.device)
+            tok = padded_tokens(self.tokenizer, txt, MAX_TEXT_TOKENS, self.device)
             with torch.no_grad():
                 embeds = self.vision(pixel_values=pixels.to(self.device)).last_hidden_state
                 hidden = self.text(
