@@ -9,6 +9,7 @@ names carry no adapter key, so the same payload loads into ``default`` on a roll
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -51,7 +52,11 @@ def add_lora(
     )
     for name in adapters:
         torch.manual_seed(seed)
-        transformer.add_adapter(peft_cfg, adapter_name=name)
+        with warnings.catch_warnings():
+            # peft warns "Already found a `peft_config` attribute … multiple adapters" for every adapter
+            # after the first: the learner keeps its `old` copy as a second adapter on purpose
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            transformer.add_adapter(peft_cfg, adapter_name=name)
     set_active_adapter(transformer, TRAIN_ADAPTER)
     for pname, p in transformer.named_parameters():
         p.requires_grad_(f".{TRAIN_ADAPTER}." in pname and "lora_" in pname)
