@@ -5,6 +5,7 @@ ScoredItem per input out, in the same order."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,3 +42,11 @@ class Reward(ABC):
                 f"reward {self.name!r}: {len(images)} images, {len(prompts)} prompts and {n_meta} metadata rows; "
                 "pass one prompt (and metadata row) per image"
             )
+
+
+def batches(
+    images: Sequence[Any], prompts: Sequence[str], size: int
+) -> Iterator[tuple[list[Any], list[str]]]:
+    """Consecutive slices of at most ``size`` images with their prompts: a reward model's forward batches."""
+    for start in range(0, len(images), size):
+        yield list(images[start : start + size]), list(prompts[start : start + size])

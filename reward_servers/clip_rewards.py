@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.reward_servers.base import Reward, ScoredItem, batches
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 MAX_TEXT_TOKENS = 77
@@ -73,8 +73,7 @@ class ClipScoreReward(Reward):
 
         self.check_batch(images, prompts, metadata)
         out: list[ScoredItem] = []
-        for start in range(0, len(images), self.batch_size):
-            ims, txt = images[start : start + self.batch_size], prompts[start : start + self.batch_size]
+        for ims, txt in batches(images, prompts, self.batch_size):
             with torch.no_grad():
                 img = _image_features(self.model, self.processor, ims, self.device)
                 text = _text_features(self.model, self.processor, txt, self.device)
@@ -83,12 +82,13 @@ class ClipScoreReward(Reward):
         return out
 
 
-def aesthetic_mlp() -> Any:
-    """The predictor's MLP, with upstream's layer indices (Linear at 0, 2, 4, 6, 7; Dropout between)."""
+def aesthetic_mlp(in_features: int = 768) -> Any:
+    """The predictor's MLP, with upstream's layer indices (Linear at 0, 2, 4, 6, 7; Dropout between);
+    ``in_features`` 768 for CLIP ViT-L/14 (and ImageReward's BERT-base), smaller for tiny test models."""
     from torch import nn
 
     return nn.Sequential(
-        nn.Linear(768, 1024),
+        nn.Linear(in_features, 1024),
         nn.Dropout(0.2),
         nn.Linear(1024, 128),
         nn.Dropout(0.2),
@@ -106,11 +106,7 @@ def load_aesthetic_mlp(path: str, key: str, in_features: int = 768) -> Any:
 
     state = load_tensor_file(path, key, AESTHETIC_MLP_URL)
     state = {k.removeprefix("layers."): v for k, v in state.items()}
-    mlp = aesthetic_mlp()
-    if in_features != 768:  # a smaller CLIP (tests): the same layers after the first
-        from torch import nn
-
-        mlp[0] = nn.Linear(in_features, 1024)
+    mlp = aesthetic_mlp(in_features)
     try:
         mlp.load_state_dict(state)
     except RuntimeError as e:
@@ -152,11 +148,9 @@ class AestheticReward(Reward):
 
         self.check_batch(images, prompts, metadata)
         out: list[ScoredItem] = []
-        for start in range(0, len(images), self.batch_size):
+        for ims, _ in batches(images, prompts, self.batch_size):
             with torch.no_grad():
-                emb = _image_features(
-                    self.model, self.processor, images[start : start + self.batch_size], self.device
-                )
+                emb = _image_features(self.model, self.processor, ims, self.device)
                 emb = emb / torch.linalg.vector_norm(emb, dim=-1, keepdim=True)
                 raw = self.mlp(emb).squeeze(1)
             out.extend(ScoredItem(float(r) / self.scale, details={"raw": float(r)}) for r in raw.cpu())

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.reward_servers.base import Reward, ScoredItem, batches
 from vgrpo.reward_servers.hf_weights import clip_pixels, load_tensor_file, padded_tokens
 
 DEFAULT_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -158,16 +158,13 @@ class HPSv2Reward(Reward):
 
         self.check_batch(images, prompts, metadata)
         out: list[ScoredItem] = []
-        for start in range(0, len(images), self.batch_size):
-            ims, txt = images[start : start + self.batch_size], prompts[start : start + self.batch_size]
+        for ims, txt in batches(images, prompts, self.batch_size):
             pixels = clip_pixels(ims, self.size, pad_resize)
             tok = padded_tokens(self.tokenizer, txt, MAX_TEXT_TOKENS, self.device)
             with torch.no_grad():
                 m = self.model
                 img = m.visual_projection(m.vision_model(pixel_values=pixels.to(self.device)).pooler_output)
-                text = m.text_projection(
-                    m.text_model(input_ids=tok["input_ids"].to(self.device)).pooler_output
-                )
+                text = m.text_projection(m.text_model(input_ids=tok["input_ids"]).pooler_output)
                 img = img / torch.linalg.vector_norm(img, dim=-1, keepdim=True)
                 text = text / torch.linalg.vector_norm(text, dim=-1, keepdim=True)
                 cos = (img.float() * text.float()).sum(-1)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.reward_servers.base import Reward, ScoredItem, batches
 from vgrpo.reward_servers.hf_weights import clip_pixels, load_tensor_file, padded_tokens
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
@@ -155,9 +155,8 @@ class ImageRewardReward(Reward):
         self.tokenizer = tok
         self.vision = BlipVisionModel(vcfg)
         self.text = BlipTextModel(tcfg, add_pooling_layer=False)
-        self.mlp = aesthetic_mlp()  # the same MLP layout (768-1024-128-64-16-1) with the same indices
-        if tcfg.hidden_size != 768:  # a smaller text encoder (tests): the same layers after the first
-            self.mlp[0] = torch.nn.Linear(tcfg.hidden_size, 1024)
+        # the aesthetic predictor's MLP layout (768-1024-128-64-16-1) with the same indices
+        self.mlp = aesthetic_mlp(tcfg.hidden_size)
         for name, state in (("vision", vision), ("text", text), ("mlp", mlp)):
             module = getattr(self, name)
             try:
@@ -180,8 +179,7 @@ class ImageRewardReward(Reward):
 
         self.check_batch(images, prompts, metadata)
         out: list[ScoredItem] = []
-        for start in range(0, len(images), self.batch_size):
-            ims, txt = images[start : start + self.batch_size], prompts[start : start + self.batch_size]
+        for ims, txt in batches(images, prompts, self.batch_size):
             pixels = clip_pixels(ims, self.size, preprocess)
             tok = padded_tokens(self.tokenizer, txt, MAX_TEXT_TOKENS, self.device)
             with torch.no_grad():

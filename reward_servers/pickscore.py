@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.reward_servers.base import Reward, ScoredItem, batches
 
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
@@ -59,9 +59,7 @@ class PickScoreReward(Reward):
         import torch
 
         out: list[float] = []
-        for start in range(0, len(images), self.batch_size):
-            ims = list(images[start : start + self.batch_size])
-            txt = list(prompts[start : start + self.batch_size])
+        for ims, txt in batches(images, prompts, self.batch_size):
             pixels = self.processor(images=ims, return_tensors="pt")["pixel_values"].to(self.device)
             tok = self.processor(
                 text=txt, padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt"
