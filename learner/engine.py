@@ -96,6 +96,10 @@ def deepspeed_config(cfg: LearnerConfig, grad_accum: int, micro_batch: int, bf16
     if cfg.zero_stage == 3:
         # small models: keep every parameter partitioned and gathered per layer; no persistence threshold
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+    if cfg.offload_optimizer:  # ZeRO-Offload: Adam's moments and step on the host
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_params:  # ZeRO-Infinity: the partitioned parameters on the host too
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,

@@ -94,7 +94,20 @@ class ModelConfig(Section):
     lora: LoraConfig | None = Field(
         default_factory=LoraConfig, description="null trains (and broadcasts) the full transformer"
     )
-    max_sequence_length: int = Field(77, ge=1, le=512)
+    family: Literal["auto", "sd3", "flux", "qwen_image", "wan"] = Field(
+        "auto",
+        description="model family (docs/families.md); auto: read from the checkpoint's model_index.json",
+    )
+    max_sequence_length: int = Field(
+        77,
+        ge=1,
+        le=1024,
+        description="prompt tokens of the family's long text encoder (SD3/FLUX T5 <= 512, Qwen-Image <= 1024, "
+        "Wan UMT5 <= 512)",
+    )
+    frames: int | None = Field(
+        None, ge=1, description="video frames per sample (Wan; None: the family's default, 1 for images)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -513,6 +526,10 @@ class LearnerConfig(Section):
     micro_batch_size: int = Field(32, ge=1, description="images per learner forward/backward")
     precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU")
     activation_checkpointing: bool = False
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: Adam's state and step on the CPU (zero_stage >= 1)"
+    )
+    offload_params: bool = Field(False, description="ZeRO-Infinity: parameters on the CPU (zero_stage 3)")
 
     @field_validator("betas")
     @classmethod
@@ -520,6 +537,19 @@ class LearnerConfig(Section):
         if not all(0.0 <= b < 1.0 for b in v):
             raise ValueError(f"betas = {list(v)}: each must be in [0, 1), e.g. [0.9, 0.999]")
         return v
+
+    @model_validator(mode="after")
+    def _offload(self) -> LearnerConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"learner.offload_params needs learner.zero_stage 3 (got {self.zero_stage}); fix: set "
+                "learner.zero_stage=3 or learner.offload_params=false"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(
+                "learner.offload_optimizer needs learner.zero_stage >= 1; fix: set learner.zero_stage=2"
+            )
+        return self
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     cpus_per_rank: float = Field(0.5, ge=0)
