@@ -6,7 +6,7 @@ The Ray actors are thin shells around plain-torch engines, so their hot paths ar
   ``P.initial_noise`` -> ``ode_sample`` (DPM-Solver++(2M)) over ``P.velocity`` of the bf16 transformer
   with a bf16 LoRA -> latents to the host -> ``P.decode_latents`` through an SD3.5-shaped VAE. Prompt
   embeddings are random tensors of the real shapes (CLIP 77 + T5 128 tokens): text encoding is not timed.
-- learner: the V-GRPO loss (``learner/objectives/vgrpo.py``) through ``SD3LearnerPolicy``
+- learner: the V-GRPO loss (``learner/objectives/vgrpo.py``) through ``LearnerPolicy``
   (``learner/engine.py``), backward, grad clip and a torch AdamW step, on an fp32 LoRA over bf16 base
   weights under bf16 autocast (DeepSpeed's bf16 mode likewise keeps fp32 masters of what it trains);
   without and with activation checkpointing (``transformer.enable_gradient_checkpointing()``).
@@ -51,8 +51,9 @@ from vgrpo.core.adapters import (
     load_weights,
     trainable_params,
 )
+from vgrpo.core.families import TextCond
 from vgrpo.core.flow import ode_sample, sd3_sigmas
-from vgrpo.learner.engine import SD3LearnerPolicy
+from vgrpo.learner.engine import LearnerPolicy
 from vgrpo.learner.objectives.base import TrainBatch
 from vgrpo.learner.objectives.vgrpo import VGRPO
 from vgrpo.proto.config import LoraConfig, VGRPOConfig
@@ -162,12 +163,12 @@ def build_vae(config: dict, device: torch.device, seed: int = 0) -> Any:
     return vae.to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
 
 
-def random_cond(b: int, text_len: int, config: dict, device: torch.device, seed: int = 0) -> tuple:
-    """Prompt embeddings of the shapes ``encode_prompts`` returns: joint tokens (B, L, D), pooled (B, P)."""
+def random_cond(b: int, text_len: int, config: dict, device: torch.device, seed: int = 0) -> TextCond:
+    """A conditioning of the shapes ``encode_prompts`` returns: joint tokens (B, L, D), pooled (B, P)."""
     g = torch.Generator().manual_seed(seed)
     embeds = torch.randn(b, text_len, int(config["joint_attention_dim"]), generator=g)
     pooled = torch.randn(b, int(config["pooled_projection_dim"]), generator=g)
-    return embeds.to(device, torch.bfloat16), pooled.to(device, torch.bfloat16)
+    return TextCond(embeds.to(device, torch.bfloat16), pooled.to(device, torch.bfloat16))
 
 
 def rollout_batch(
@@ -184,8 +185,7 @@ def rollout_batch(
     latents (host, fp32), uint8 images, sampling seconds, decode seconds."""
     device = transformer.device
     shape_chw = (int(transformer.config.in_channels), image // 8, image // 8)
-    embeds, pooled = cond
-    v_fn = lambda x, s: P.guided_velocity(transformer, x, s, embeds, pooled, guidance, uncond)  # noqa: E731
+    v_fn = lambda x, s: P.guided_velocity(transformer, x, s, cond, guidance, uncond)  # noqa: E731
 
     sync(device)
     t0 = time.perf_counter()
@@ -201,7 +201,7 @@ class HostBridgePolicy:
     """A FlowPolicy that runs the network on its device and hands velocities back on the host: used only
     when the objective cannot take a device-resident batch (it then keeps its own math on the host)."""
 
-    def __init__(self, inner: SD3LearnerPolicy, device: torch.device):
+    def __init__(self, inner: LearnerPolicy, device: torch.device):
         self.inner, self.device = inner, device
 
     def old_is_current(self) -> bool:
@@ -233,10 +233,10 @@ class Learner:
         side = int(self.preset["image"]) // 8
         g = torch.Generator().manual_seed(seed)
         where = torch.device("cpu") if self.host_batch else self.device
-        embeds, pooled = random_cond(b, int(self.preset["text_len"]), cfg, self.device, seed)
+        text = random_cond(b, int(self.preset["text_len"]), cfg, self.device, seed)
         return TrainBatch(  # the layout LearnerEngine._to_batch builds (one prompt group per micro step)
             latents_bchw=torch.randn(b, int(cfg["in_channels"]), side, side, generator=g).to(where),
-            cond=(embeds, pooled),
+            cond=text,
             group_ids_b=torch.zeros(b, dtype=torch.long).to(where),
             advantages_b=torch.randn(b, generator=g).to(where),
             sigmas=sd3_sigmas(10, shift=float(self.preset["shift"])),
@@ -244,7 +244,7 @@ class Learner:
         )
 
     def _policy(self, off_policy: bool) -> Any:
-        policy = SD3LearnerPolicy(self.module)
+        policy = LearnerPolicy(self.module)
         policy._old_is_current = not off_policy
         return HostBridgePolicy(policy, self.device) if self.host_batch else policy
 
@@ -459,7 +459,7 @@ def run(args: argparse.Namespace) -> dict:
     cond1 = random_cond(1, t_txt, cfg, device)
     x1 = torch.randn(1, int(cfg["in_channels"]), image // 8, image // 8, device=device)
     with torch.no_grad():
-        fwd, fwd_attn = count_flops(lambda: P.velocity(rollout_tf, x1, torch.full((1,), 0.5), *cond1))
+        fwd, fwd_attn = count_flops(lambda: P.velocity(rollout_tf, x1, torch.full((1,), 0.5), cond1))
         dec, _ = count_flops(lambda: P.decode_latents(vae, x1.cpu()))
     method = "FlopCounterMode, one image"
     if fwd_attn == 0:

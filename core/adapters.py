@@ -1,4 +1,5 @@
-"""LoRA adapters on the SD3 transformer, shared by rollout workers and the learner (docs/algorithms.md §9.7).
+"""LoRA adapters on the transformer of any model family (targets: the family's unless configured), shared
+by rollout workers and the learner (docs/algorithms.md §9.7).
 
 The trainable adapter is ``default``; the learner may add a frozen ``old`` adapter (the behaviour policy
 for V-GRPO's ratio, the EMA copy for DGPO / DiffusionNFT); the reference policy is the base model with
@@ -34,8 +35,11 @@ def add_lora(
 
     # peft matches a target to a module whose dotted name is it or ends with "." + it; a target that
     # matches no linear layer would train nothing (or fail deep inside peft): name it now
+    from vgrpo.core.families import family_of
+
+    targets = list(cfg.target_modules or family_of(transformer).lora_targets)
     linear = [name for name, m in transformer.named_modules() if isinstance(m, nn.Linear)]
-    unknown = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
     if unknown:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ValueError(
@@ -48,7 +52,7 @@ def add_lora(
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         init_lora_weights=init,  # type: ignore[arg-type]
-        target_modules=list(cfg.target_modules),
+        target_modules=targets,
     )
     for name in adapters:
         torch.manual_seed(seed)

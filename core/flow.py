@@ -23,12 +23,17 @@ def shift_sigma(u: torch.Tensor | float, shift: float) -> torch.Tensor:
 
 
 def sd3_sigmas(
-    num_steps: int, shift: float = 3.0, grid: Literal["uniform", "diffusers"] = "uniform"
+    num_steps: int,
+    shift: float = 3.0,
+    grid: Literal["uniform", "diffusers"] = "uniform",
+    terminal: float | None = None,
 ) -> torch.Tensor:
     """The N-step schedule sigma_0 = 1 > ... > sigma_{N-1} > sigma_N = 0, float64, shape (N+1,).
 
     ``uniform``: u = linspace(1, 1/N, N) (DiffusionNFT / Rethinking); ``diffusers``: u = linspace(1,
     u_min, N) with diffusers' already-shifted training minimum u_min = 1/1000 mapped back (Flow-GRPO).
+    ``terminal`` (Qwen-Image's scheduler ``shift_terminal``, 0.02): the shifted sigmas stretched so that
+    sigma_{N-1} = terminal, ``1 - (1 - sigma) (1 - terminal) / (1 - sigma_{N-1})`` as diffusers does.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -37,7 +42,11 @@ def sd3_sigmas(
     else:
         sigma_min = shift * 1e-3 / (1 + (shift - 1) * 1e-3)
         u = torch.linspace(1.0, sigma_min, num_steps, dtype=torch.float64)
-    return torch.cat([shift_sigma(u, shift), torch.zeros(1, dtype=torch.float64)])
+    sigmas = shift_sigma(u, shift)
+    if terminal:
+        one_minus = 1.0 - sigmas
+        sigmas = 1.0 - one_minus * (1.0 - terminal) / one_minus[-1]
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
 def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:

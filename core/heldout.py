@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from vgrpo.core.policy import Sampler, StableDiffusion3Pipeline, sample
+from vgrpo.core.policy import Sampler, sample
+
+Pipeline = Any  # a diffusers pipeline of any family (core/families)
 
 
 def heldout_seeds(num_prompts: int, images_per_prompt: int, seed: int) -> list[tuple[int, int, int]]:
@@ -22,7 +24,7 @@ def heldout_seeds(num_prompts: int, images_per_prompt: int, seed: int) -> list[t
 
 
 def sample_chunks(
-    pipe: StableDiffusion3Pipeline,
+    pipe: Pipeline,
     prompts: list[str],
     images_per_prompt: int,
     seed: int,
@@ -31,8 +33,10 @@ def sample_chunks(
     guidance_scale: float,
     sampler: Sampler,
     shift: float | None,
+    **geometry: Any,
 ) -> Iterator[tuple[list[tuple[int, int, int]], np.ndarray]]:
-    """Yields ``(jobs, images_bhwc)`` in batches of ``batch_size`` over :func:`heldout_seeds`."""
+    """Yields ``(jobs, images_bhwc)`` in batches of ``batch_size`` over :func:`heldout_seeds`; ``geometry``
+    (height, width, frames, max_sequence_length) goes to :func:`core.policy.sample` as the rollout's."""
     jobs = heldout_seeds(len(prompts), images_per_prompt, seed)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
@@ -44,12 +48,13 @@ def sample_chunks(
             guidance_scale=guidance_scale,
             sampler=sampler,
             shift=shift,
+            **geometry,
         )
         yield chunk, images_bhwc
 
 
 def sample_heldout(
-    pipe: StableDiffusion3Pipeline,
+    pipe: Pipeline,
     prompts: list[str],
     images_per_prompt: int = 4,
     seed: int = 0,
@@ -58,13 +63,23 @@ def sample_heldout(
     sampler: Sampler = "dpm2",
     shift: float | None = None,
     batch_size: int = 32,
+    **geometry: Any,
 ) -> dict[str, Any]:
-    """Every held-out image at once: ``{"images": uint8 (N, H, W, 3), "seeds": [N], "settings": {...}}``
-    in prompt-major order (N = len(prompts) · images_per_prompt)."""
+    """Every held-out image at once: ``{"images": uint8 (N, H, W, 3) (clips: (N, F, H, W, 3)), "seeds":
+    [N], "settings": {...}}`` in prompt-major order (N = len(prompts) · images_per_prompt)."""
     images: list[np.ndarray] = []
     seeds: list[int] = []
     for chunk, images_bhwc in sample_chunks(
-        pipe, prompts, images_per_prompt, seed, batch_size, num_steps, guidance_scale, sampler, shift
+        pipe,
+        prompts,
+        images_per_prompt,
+        seed,
+        batch_size,
+        num_steps,
+        guidance_scale,
+        sampler,
+        shift,
+        **geometry,
     ):
         images.append(images_bhwc)
         seeds.extend(s for _, _, s in chunk)

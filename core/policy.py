@@ -1,10 +1,12 @@
-"""The policy as rollout workers, the learner and the evaluator all see it: one diffusers SD3 pipeline.
+"""The policy as rollout workers, the learner and the evaluator all see it: one diffusers pipeline of a
+model family (SD3/SD3.5, FLUX.1, Qwen-Image, Wan2.1: ``core/families``, docs/families.md).
 
-Loading, prompt encoding, the velocity call, latent <-> image conversion and the deterministic sampler
-live here once (DESIGN.md "Conventions": what two roles share lives in a module both import). Plain
-torch, no Ray. Conventions follow docs/algorithms.md §1: flow time ``sigma`` in [0, 1] (1 = noise), the SD3
-transformer is fed ``timestep = 1000·sigma`` and predicts the velocity ``v = eps - x0``; latents are SD3-
-normalised, ``latent = (z - shift_factor)·scaling_factor`` with ``z`` the VAE posterior.
+Loading, prompt encoding, the (guided) velocity call, latent -> image conversion and the deterministic
+sampler live here once (DESIGN.md "Conventions": what two roles share lives in a module both import),
+each dispatched to the pipeline's family. Plain torch, no Ray. Conventions follow docs/algorithms.md §1:
+flow time ``sigma`` in [0, 1] (1 = noise), the network predicts the velocity ``v = eps - x0``; latents
+are the family's normalised, unpacked latents (SD3: ``(z - shift_factor)·scaling_factor`` with ``z`` the
+VAE posterior).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from vgrpo.core.flow import apply_cfg, ode_sample, sd3_sigmas
+from vgrpo.core.families import FAMILIES, Family, TextCond, family_of
+from vgrpo.core.families import resolve_family as resolve_family
+from vgrpo.core.flow import ode_sample, sd3_sigmas
 
 # diffusers' lazily imported classes defeat static typing; these aliases name what each argument is
 StableDiffusion3Pipeline = Any  # diffusers.StableDiffusion3Pipeline
-SD3Transformer2DModel = Any  # diffusers.SD3Transformer2DModel
 AutoencoderKL = Any  # diffusers.AutoencoderKL
 
 BUILTIN_TINY = "builtin:tiny-sd3"
@@ -70,23 +73,22 @@ def resolve_model_path(path: str | Path) -> str:
 
 
 def load_pipeline(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> StableDiffusion3Pipeline:
-    """``StableDiffusion3Pipeline.from_pretrained`` on the resolved path; a folder without T5 (no
-    ``text_encoder_3`` in its model_index.json, or a null entry) is loaded with ``text_encoder_3=None,
-    tokenizer_3=None``, which diffusers requires for the omitted slots (docs/stack-notes.md)."""
-    from diffusers import StableDiffusion3Pipeline as Pipeline
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    family: str = "auto",
+) -> Any:
+    """The diffusers pipeline of the checkpoint at ``path``, loaded as its family's class (``family``:
+    ``model.family``; ``auto`` reads model_index.json — a FamilyError names the families otherwise)."""
+    import diffusers
+    import transformers
 
+    # diffusers' "Loading pipeline components" and transformers' "Loading weights" bars, one per component
+    # and process, report nothing a user acts on (loading fails loudly when it fails)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     resolved = resolve_model_path(path)
-    kwargs: dict = {"dtype": dtype}
-    index = Path(resolved) / "model_index.json"
-    if index.is_file():
-        import json
-
-        entry = json.loads(index.read_text()).get("text_encoder_3")
-        if entry is None or entry == [None, None]:
-            kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    pipe = Pipeline.from_pretrained(resolved, **kwargs)
+    pipe = resolve_family(resolved, family).load_pipeline(resolved, dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -97,34 +99,27 @@ def load_pipeline(
 _EMPTY_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def encode_prompts(
-    pipe: StableDiffusion3Pipeline, prompts: list[str], max_sequence_length: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SD3 conditioning through diffusers' own ``encode_prompt``: joint tokens ``(B, L, D)`` (the two
-    CLIPs' penultimate states concatenated on features, then the T5 tokens) and pooled ``(B, P)``.
-
-    Without a T5 encoder diffusers would append ``max_sequence_length`` rows of zeros, which carry no
-    prompt information and dominate attention cost at tiny sizes; the slot is then dropped (length 0),
-    which is also how the shipped tiny model was trained. Gradients flow (no ``no_grad`` here)."""
-    t5_len = max_sequence_length if pipe.text_encoder_3 is not None else 0
-    prompt_embeds_bld, _, pooled_bd, _ = pipe.encode_prompt(
-        prompt=list(prompts),
-        prompt_2=None,
-        prompt_3=None,
-        device=pipe.transformer.device,
-        do_classifier_free_guidance=False,
-        max_sequence_length=t5_len,
-    )
-    return prompt_embeds_bld, pooled_bd
+def encode_prompts(pipe: Any, prompts: list[str], max_sequence_length: int = 256) -> TextCond:
+    """The family's text conditioning of ``prompts`` (docs/families.md), one row per prompt; gradients
+    flow (no ``no_grad`` here). ``max_sequence_length`` bounds the long text encoder's tokens (T5, UMT5,
+    Qwen2.5-VL) and must fit the family."""
+    family = family_of(pipe)
+    if max_sequence_length > family.max_text_tokens:
+        raise ValueError(
+            f"model.max_sequence_length = {max_sequence_length}: {family.name} takes at most "
+            f"{family.max_text_tokens} prompt tokens; fix: set model.max_sequence_length <= {family.max_text_tokens}"
+        )
+    return family.encode(pipe, list(prompts), max_sequence_length)
 
 
-def empty_prompt_embeds(pipe: StableDiffusion3Pipeline) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unconditional (empty-prompt) embedding for CFG (docs/algorithms.md §2.2), computed once per
-    pipeline and cached; shapes ``(1, L, D)`` and ``(1, P)``. Stale if the text encoders are trained."""
+def empty_prompt_embeds(pipe: Any, max_sequence_length: int = 256) -> TextCond:
+    """The unconditional (empty-prompt) conditioning for CFG (docs/algorithms.md §2.2), one row, computed
+    once per pipeline and cached. Stale if the text encoders are trained."""
     cached = _EMPTY_CACHE.get(pipe)
     if cached is None:
+        family = family_of(pipe)
         with torch.no_grad():
-            cached = encode_prompts(pipe, [""])
+            cached = encode_prompts(pipe, [""], min(max_sequence_length, family.max_text_tokens))
         _EMPTY_CACHE[pipe] = cached
     return cached
 
@@ -133,52 +128,46 @@ def empty_prompt_embeds(pipe: StableDiffusion3Pipeline) -> tuple[torch.Tensor, t
 
 
 def velocity(
-    transformer: SD3Transformer2DModel,
-    x_bchw: torch.Tensor,
+    transformer: Any,
+    x: torch.Tensor,
     sigma_b: torch.Tensor,
-    prompt_embeds_bld: torch.Tensor,
-    pooled_bd: torch.Tensor,
+    cond: TextCond,
+    guidance: float | None = None,
+    family: Family | None = None,
 ) -> torch.Tensor:
-    """``v_theta(x_sigma, sigma, c)``: the SD3 transformer fed ``timestep = 1000·sigma`` in float32 whatever
-    the network's dtype, as upstream feeds it (bf16 would move a 40-step grid's timesteps by up to 2/1000);
-    the transformer's sinusoidal embedding casts after computing in float32."""
-    dtype = transformer.dtype
-    timestep_b = (1000.0 * sigma_b).to(device=x_bchw.device, dtype=torch.float32)
-    out = transformer(
-        hidden_states=x_bchw.to(dtype),
-        timestep=timestep_b,
-        encoder_hidden_states=prompt_embeds_bld.to(dtype),
-        pooled_projections=pooled_bd.to(dtype),
-        return_dict=False,
-    )[0]
-    return out
+    """``v_theta(x_sigma, sigma, c)`` through the transformer's family (``family`` names it for a module
+    whose class is not a diffusers transformer, e.g. a test stand-in), in the network's dtype."""
+    family = family or family_of(transformer)
+    return family.velocity(transformer, x, sigma_b, cond, guidance)
 
 
 def guided_velocity(
-    transformer: SD3Transformer2DModel,
-    x_bchw: torch.Tensor,
+    transformer: Any,
+    x: torch.Tensor,
     sigma_b: torch.Tensor,
-    prompt_embeds_bld: torch.Tensor,
-    pooled_bd: torch.Tensor,
+    cond: TextCond,
     guidance_scale: float = 1.0,
-    uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
+    uncond: TextCond | None = None,
     detach_uncond: bool = False,
+    family: Family | None = None,
 ) -> torch.Tensor:
-    """The velocity with classifier-free guidance (docs/algorithms.md §2.2), float32: with ``w != 1`` one
-    batched forward of ``[uncond; cond]`` (``uncond``: the empty prompt's ``(L, D)`` features and ``(Dp,)``
-    pooled vector, :func:`empty_prompt_embeds`), then ``v_u + w (v_c - v_u)``; without ``uncond`` or at
-    ``w = 1`` the conditional velocity alone. ``detach_uncond``: the unconditional branch is a constant
-    of a training update (Flow-GRPO and DGPO detach it; the gradient is ``w grad v_c``). The one place the
-    rollout, held-out sampling and the learner's guided forward compute it."""
+    """The velocity with guidance ``w``, float32 (docs/algorithms.md §2.2). A family with a guidance
+    embedding (FLUX.1-dev) takes ``w`` as an input: one forward. Otherwise CFG: with ``w != 1`` one
+    batched forward of ``[uncond; cond]`` (``uncond``: :func:`empty_prompt_embeds`), combined by the
+    family (``v_u + w (v_c - v_u)``; Qwen-Image rescales to the conditional norm); without ``uncond`` or
+    at ``w = 1`` the conditional velocity alone. ``detach_uncond``: the unconditional branch is a constant
+    of a training update (Flow-GRPO and DGPO detach it; the gradient is ``w grad v_c``). The one place
+    the rollout, held-out sampling and the learner's guided forward compute it."""
+    family = family or family_of(transformer)
+    if family.guidance_mode(transformer) == "embedded":
+        return family.velocity(transformer, x, sigma_b, cond, guidance_scale).float()
     if guidance_scale == 1.0 or uncond is None:
-        return velocity(transformer, x_bchw, sigma_b, prompt_embeds_bld, pooled_bd).float()
-    b = x_bchw.shape[0]
-    empty_ld, empty_pooled_d = uncond
-    embeds_2b = torch.cat([empty_ld.expand(b, -1, -1).to(prompt_embeds_bld), prompt_embeds_bld])
-    pooled_2b = torch.cat([empty_pooled_d.expand(b, -1).to(pooled_bd), pooled_bd])
-    v_2bchw = velocity(transformer, torch.cat([x_bchw, x_bchw]), sigma_b.repeat(2), embeds_2b, pooled_2b)
-    v_u, v_c = v_2bchw.float().chunk(2)
-    return apply_cfg(v_u.detach() if detach_uncond else v_u, v_c, guidance_scale)
+        return family.velocity(transformer, x, sigma_b, cond).float()
+    b = x.shape[0]
+    both = TextCond.cat([uncond.expand(b).to(cond.embeds.device, cond.embeds.dtype), cond])
+    v_2b = family.velocity(transformer, torch.cat([x, x]), sigma_b.repeat(2), both).float()
+    v_u, v_c = v_2b.chunk(2)
+    return family.combine_cfg(v_u.detach() if detach_uncond else v_u, v_c, guidance_scale)
 
 
 # --------------------------------------------------------------------------------- latents <-> images
@@ -209,31 +198,68 @@ def encode_images(
 
 
 def decode_latents(vae: AutoencoderKL, latents_bchw: torch.Tensor) -> np.ndarray:
-    """SD3-normalised latents -> uint8 images ``(B, H, W, 3)``: ``z = latent/scaling_factor + shift``."""
-    shift = vae.config.shift_factor or 0.0
-    z_bchw = latents_bchw.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
-    return tensor_to_images(vae.decode(z_bchw, return_dict=False)[0])
+    """SD3-normalised latents -> uint8 images ``(B, H, W, 3)``: ``z = latent/scaling_factor + shift`` (an
+    ``AutoencoderKL`` alone, as SD3 and FLUX normalise; :func:`decode` takes any family's pipeline)."""
+    return FAMILIES["sd3"].decode(vae, latents_bchw)
 
 
 # ------------------------------------------------------------------------------------------- sampling
 
 
-def initial_noise(seeds: list[int], shape_chw: tuple[int, int, int]) -> torch.Tensor:
-    """``x_1 ~ N(0, I)`` per image, image k from ``torch.Generator().manual_seed(seeds[k])``: a seed always
-    gives the same noise whatever batch it is drawn in."""
-    noise = [torch.randn((1, *shape_chw), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """``x_1 ~ N(0, I)`` per sample of latent ``shape``, sample k from
+    ``torch.Generator().manual_seed(seeds[k])``: a seed always gives the same noise whatever batch it is
+    drawn in."""
+    noise = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.cat(noise, dim=0)
 
 
-def native_size(pipe: StableDiffusion3Pipeline) -> tuple[int, int]:
-    """(height, width) in pixels the pipeline generates by default: ``sample_size · vae_scale_factor``."""
-    side = int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
-    return side, side
+def native_shape(pipe: Any, frames: int | None = None) -> tuple[int, int, int]:
+    """(height, width, frames) the pipeline generates by default (``frames`` overrides the family's; 1 for
+    images): SD3 ``sample_size · vae_scale_factor``; a ``vgrpo tiny-model`` folder's recorded size;
+    otherwise the family's diffusers default (docs/families.md)."""
+    h, w, f = family_of(pipe).native_size(pipe)
+    return h, w, (frames or f) if family_of(pipe).video else 1
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    """(height, width) in pixels the pipeline generates by default."""
+    h, w, _ = native_shape(pipe)
+    return h, w
+
+
+def sample_geometry(
+    pipe: Any,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    shift: float | None = None,
+) -> tuple[tuple[int, ...], float]:
+    """One sample's unpacked latent shape and the sigma shift (``shift=None``: the family's, which for
+    FLUX and Qwen-Image depends on the size) at the given or native size."""
+    family = family_of(pipe)
+    h0, w0, f0 = native_shape(pipe, frames)
+    shape = family.latent_shape(pipe, height or h0, width or w0, f0)
+    return shape, float(shift) if shift is not None else family.shift(pipe, shape)
+
+
+def sigma_grid(
+    pipe: Any, num_steps: int, shift: float, grid: Literal["uniform", "diffusers"] = "uniform"
+) -> torch.Tensor:
+    """The sampler's sigmas (N+1,) for the pipeline's family: :func:`core.flow.sd3_sigmas` at ``shift``,
+    stretched to the scheduler's terminal sigma where it has one (Qwen-Image)."""
+    return sd3_sigmas(num_steps, shift=shift, grid=grid, terminal=family_of(pipe).sigma_terminal(pipe))
+
+
+def decode(pipe: Any, latents: torch.Tensor) -> np.ndarray:
+    """Normalised latents -> uint8 samples through the pipeline's family: images ``(B, H, W, 3)``, clips
+    ``(B, F, H, W, 3)``."""
+    return family_of(pipe).decode(pipe.vae, latents)
 
 
 @torch.no_grad()
 def sample(
-    pipe: StableDiffusion3Pipeline,
+    pipe: Any,
     prompts: list[str],
     seeds: list[int],
     num_steps: int = 10,
@@ -242,37 +268,30 @@ def sample(
     shift: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    frames: int | None = None,
+    max_sequence_length: int = 77,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Deterministic ODE sampling (docs/algorithms.md §2.1) of one image per (prompt, seed), batched.
+    """Deterministic ODE sampling (docs/algorithms.md §2.1) of one sample per (prompt, seed), batched.
 
-    Returns the final clean latents ``(B, C, h, w)`` (float32, SD3-normalised: what V-GRPO's rollout
-    stores, §2.3) and the decoded uint8 images ``(B, H, W, 3)``. CFG (§2.2) batches ``[uncond; cond]`` in
-    one forward pass when ``guidance_scale != 1``. ``shift=None`` reads the scheduler config's shift.
+    Returns the final clean latents (float32, normalised: what V-GRPO's rollout stores, §2.3) and the
+    decoded uint8 images ``(B, H, W, 3)`` (clips ``(B, F, H, W, 3)``). CFG (§2.2) batches ``[uncond;
+    cond]`` in one forward pass when ``guidance_scale != 1``. ``shift=None`` reads the family's.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-    transformer, vae = pipe.transformer, pipe.vae
-    default_h, default_w = native_size(pipe)
-    height, width = height or default_h, width or default_w
-    scale = int(pipe.vae_scale_factor)
-    shape_chw = (int(transformer.config.in_channels), height // scale, width // scale)
-    if shift is None:
-        shift = float(pipe.scheduler.config.get("shift", 1.0))
-    sigmas = sd3_sigmas(num_steps, shift=shift)
+    transformer = pipe.transformer
+    shape, shift = sample_geometry(pipe, height, width, frames, shift)
+    sigmas = sigma_grid(pipe, num_steps, shift)
 
     # encode each distinct prompt once, then index (eval repeats a prompt for its images)
     unique = list(dict.fromkeys(prompts))
-    embeds_ul, pooled_u = encode_prompts(pipe, unique)
-    index_b = torch.tensor([unique.index(p) for p in prompts])
-    cond_bld, cond_pooled_bd = embeds_ul[index_b], pooled_u[index_b]
-    uncond = empty_prompt_embeds(pipe) if guidance_scale != 1.0 else None
+    cond_u = encode_prompts(pipe, unique, max_sequence_length)
+    cond_b = cond_u.rows(torch.tensor([unique.index(p) for p in prompts]))
+    uncond = empty_prompt_embeds(pipe, max_sequence_length) if guidance_scale != 1.0 else None
 
-    def velocity_fn(x_bchw: torch.Tensor, sigma_b: torch.Tensor) -> torch.Tensor:
-        return guided_velocity(
-            transformer, x_bchw, sigma_b, cond_bld, cond_pooled_bd, guidance_scale, uncond
-        )  # fmt: skip
+    def velocity_fn(x: torch.Tensor, sigma_b: torch.Tensor) -> torch.Tensor:
+        return guided_velocity(transformer, x, sigma_b, cond_b, guidance_scale, uncond)
 
-    x1_bchw = initial_noise(list(seeds), shape_chw).to(transformer.device)
-    latents_bchw = ode_sample(velocity_fn, x1_bchw, sigmas, solver=sampler).float()
-    images_bhwc = decode_latents(vae, latents_bchw)
-    return latents_bchw, images_bhwc
+    x1 = initial_noise(list(seeds), shape).to(transformer.device)
+    latents = ode_sample(velocity_fn, x1, sigmas, solver=sampler).float()
+    return latents, decode(pipe, latents)

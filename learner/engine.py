@@ -31,6 +31,7 @@ from vgrpo.core.adapters import (
     trainable_params,
     use_adapter,
 )
+from vgrpo.core.families import Family, TextCond
 from vgrpo.learner.objectives import Objective, TrainBatch, build_objective
 from vgrpo.learner.objectives.base import Which
 from vgrpo.proto.config import AlgorithmConfig, LearnerConfig, ModelConfig, RolloutConfig
@@ -41,22 +42,25 @@ class NonFiniteLossError(RuntimeError):
     """The objective produced NaN/inf: the update is refused rather than applied."""
 
 
-class SD3LearnerPolicy:
+class LearnerPolicy:
     """The :class:`FlowPolicy` of the learner: current = the trainable adapter (or the whole transformer),
     old = the frozen ``old`` adapter (or a copy), ref = adapters disabled (or a frozen copy of the base).
-    ``cond`` is ``(prompt_embeds_bld, pooled_bd)``; with ``guidance_scale != 1`` every forward applies CFG
-    with the empty-prompt embedding (Flow-GRPO's training forward must match its rollout), the
-    unconditional branch detached."""
+    ``cond`` is a :class:`TextCond`; with ``guidance_scale != 1`` every forward applies CFG with the
+    empty-prompt conditioning (Flow-GRPO's training forward must match its rollout), the unconditional
+    branch detached; a family with a guidance embedding (FLUX.1-dev) gets ``guidance_scale`` as its input
+    instead, in every objective, as its rollout did."""
 
     def __init__(
         self,
         module: nn.Module,
         guidance_scale: float = 1.0,
-        uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
+        uncond: TextCond | None = None,
         old_module: nn.Module | None = None,
         ref_module: nn.Module | None = None,
+        family: Family | None = None,
     ):
         self.module, self.guidance_scale, self.uncond = module, guidance_scale, uncond
+        self.family = family  # None: told by the module's class
         self.old_module, self.ref_module = old_module, ref_module
         self.lora = old_module is None and ref_module is None
         self._old_is_current = True
@@ -64,12 +68,11 @@ class SD3LearnerPolicy:
     def old_is_current(self) -> bool:
         return self._old_is_current
 
-    def _forward(self, net: Any, x: torch.Tensor, sigma_b: torch.Tensor, cond: Any) -> torch.Tensor:
-        embeds_bld, pooled_bd = cond
+    def _forward(self, net: Any, x: torch.Tensor, sigma_b: torch.Tensor, cond: TextCond) -> torch.Tensor:
         # the unconditional branch is a constant of the update, as upstream Flow-GRPO and DGPO detach it:
         # the gradient is w grad v_c, not w grad v_c - (w - 1) grad v_u (docs/algorithms.md)
         return P.guided_velocity(
-            net, x, sigma_b, embeds_bld, pooled_bd, self.guidance_scale, self.uncond, detach_uncond=True
+            net, x, sigma_b, cond, self.guidance_scale, self.uncond, detach_uncond=True, family=self.family
         )
 
     def velocity(
@@ -191,12 +194,9 @@ class LearnerEngine:
         bf16 = self.cfg.precision == "bfloat16" or (
             self.cfg.precision == "auto" and self.device.type == "cuda"
         )
-        from diffusers import SD3Transformer2DModel
-
         path = P.resolve_model_path(self.model_cfg.path)
-        transformer = SD3Transformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=torch.float32
-        )
+        self.family = P.resolve_family(path, self.model_cfg.family)
+        transformer = self.family.load_transformer(path, torch.float32)
         self.ref_module = self.old_module = None
         if self.model_cfg.lora is not None:
             add_lora(transformer, self.model_cfg.lora, adapters=(TRAIN_ADAPTER, OLD_ADAPTER), seed=self.seed)
@@ -229,11 +229,14 @@ class LearnerEngine:
         guided = self.objective.sampler in ("sde", "sde_window") or bool(
             getattr(self.objective.cfg, "guided_training", False)
         )
+        embedded = self.family.guidance_mode(self.module) == "embedded"  # FLUX.1-dev: w is an input
         uncond = None
-        if guided and self.rollout_cfg.guidance_scale != 1.0:
+        if guided and not embedded and self.rollout_cfg.guidance_scale != 1.0:
             uncond = self._uncond_embeddings()
-        guidance = self.rollout_cfg.guidance_scale if guided else 1.0
-        self.policy = SD3LearnerPolicy(self.module, guidance, uncond, self.old_module, self.ref_module)
+        guidance = self.rollout_cfg.guidance_scale if guided or embedded else 1.0
+        self.policy = LearnerPolicy(
+            self.module, guidance, uncond, self.old_module, self.ref_module, family=self.family
+        )
         if max_staleness > 0:  # a stale batch of the first steps was sampled by version 0
             self.history[0] = self.get_weights()
         if ema is not None:
@@ -246,10 +249,12 @@ class LearnerEngine:
             "zero_stage": self.cfg.zero_stage,
         }
 
-    def _uncond_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pipe = P.load_pipeline(self.model_cfg.path, dtype=torch.float32, device=self.device)
-        empty = P.empty_prompt_embeds(pipe)
-        return empty[0].detach(), empty[1].detach()
+    def _uncond_embeddings(self) -> TextCond:
+        pipe = P.load_pipeline(
+            self.model_cfg.path, dtype=torch.float32, device=self.device, family=self.model_cfg.family
+        )
+        empty = P.empty_prompt_embeds(pipe, self.model_cfg.max_sequence_length)
+        return TextCond(*(None if t is None else t.detach() for t in empty))
 
     # ------------------------------------------------------------------------------------ weights
 
@@ -327,7 +332,7 @@ class LearnerEngine:
         before = self.consolidated_state() if guard else None
         for _inner in range(obj.num_inner_steps()):
             for j in range(n_micro):
-                ids = chunks[j] if j < len(chunks) else chunks[0][:0]
+                ids = chunks[j] if j < len(chunks) else groups[:0]  # none left (e.g. every group dropped)
                 if len(ids) == 0:
                     # this rank has fewer groups than the accumulation schedule: a zero-loss micro step keeps
                     # every rank's collective calls in lockstep
@@ -452,7 +457,11 @@ class LearnerEngine:
         t = lambda a: torch.as_tensor(a).to(self.device)  # noqa: E731
         return TrainBatch(
             latents_bchw=t(shard.latents).float(),
-            cond=(t(shard.prompt_embeds), t(shard.pooled)),
+            cond=TextCond(
+                t(shard.prompt_embeds),
+                t(shard.pooled),
+                t(shard.prompt_mask) if shard.prompt_mask is not None else None,
+            ),
             group_ids_b=t(shard.group_ids).long(),
             advantages_b=t(shard.advantages).float(),
             sigmas=torch.as_tensor(shard.sigmas, dtype=torch.float64),
@@ -559,13 +568,11 @@ class LearnerEngine:
     def _dummy_step(self) -> None:
         """One optimizer step with a zero loss (a real forward, so every ZeRO hook runs): Adam's state
         tensors exist only after a step, and :meth:`load_consolidated` overwrites all it changed."""
-        c = self.module.config
-        side = int(c.sample_size)
-        x = torch.zeros(1, int(c.in_channels), side, side, device=self.device)
-        embeds = torch.zeros(1, 1, int(c.joint_attention_dim), device=self.device)
-        pooled = torch.zeros(1, int(c.pooled_projection_dim), device=self.device)
+        x, cond = self.family.dummy_inputs(self.module, self.device)
         for _ in range(self.grad_accum):
-            v = P.velocity(self.module, x, torch.full((1,), 0.5, device=self.device), embeds, pooled)
+            v = P.velocity(
+                self.module, x, torch.full((1,), 0.5, device=self.device), cond, family=self.family
+            )
             self.engine.backward(v.float().sum() * 0.0)
             self.engine.step()
 

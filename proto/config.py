@@ -67,18 +67,10 @@ class LoraConfig(Section):
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1)
     init: Literal["gaussian", "default", "zeros"] = "gaussian"
-    # SD3 attention projections, as Flow-GRPO targets them (docs/algorithms.md §6.1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: [
-            "to_q",
-            "to_k",
-            "to_v",
-            "to_out.0",
-            "add_q_proj",
-            "add_k_proj",
-            "add_v_proj",
-            "to_add_out",
-        ]
+    target_modules: list[str] | None = Field(
+        None,
+        description="linear layers to adapt (names or dotted suffixes); None: the model family's attention "
+        "projections (docs/families.md; SD3: to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out as Flow-GRPO)",
     )
 
 

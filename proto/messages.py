@@ -57,13 +57,20 @@ class _Checker:
         raise MessageError(self.message, self.sender, field_name, problem)
 
     def array(
-        self, field_name: str, arr: Any, ndim: int, dtypes: Sequence[str], lead: int | None = None
+        self,
+        field_name: str,
+        arr: Any,
+        ndim: int | tuple[int, ...],
+        dtypes: Sequence[str],
+        lead: int | None = None,
     ) -> tuple[int, ...]:
         if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
             self.fail(field_name, f"is {type(arr).__name__}, want an array")
         shape = _shape(arr)
-        if len(shape) != ndim:
-            self.fail(field_name, f"has shape {shape}, want {ndim} dimensions")
+        ndims = (ndim,) if isinstance(ndim, int) else ndim
+        if len(shape) not in ndims:
+            want = " or ".join(str(n) for n in ndims)
+            self.fail(field_name, f"has shape {shape}, want {want} dimensions")
         dtype = str(arr.dtype).removeprefix("torch.")
         if dtype not in dtypes:
             self.fail(field_name, f"has dtype {dtype}, want {' or '.join(dtypes)}")
@@ -82,16 +89,19 @@ class _Checker:
 
 
 FLOATS = ("float32",)
+LATENT_NDIM = (4, 5)  # images (B, C, h, w); video (B, C, F, h, w)
 TRAJ_DTYPES = ("float32", "float64")
 
 
 @dataclass
 class RolloutBatch:
-    """A rollout worker's images for one step's share of prompts: G images per prompt, image j of prompt
-    i at row i·G + j. Arrays: ``latents`` (B, C, h, w) float32 final samples, ``images`` (B, H, W, 3)
-    uint8, ``prompt_embeds`` (P, L, D) and ``pooled`` (P, Dp) float32 per prompt, the sampler's
-    ``sigmas`` (N+1,); with an SDE sampler ``trajectory`` (B, T+1, C, h, w) and ``logp`` (B, T) over its
-    T recorded steps (all N, or the window starting at ``window_start``)."""
+    """A rollout worker's samples for one step's share of prompts: G per prompt, sample j of prompt i at
+    row i·G + j. Arrays: ``latents`` (B, C, h, w) float32 final samples (video: (B, C, F, h, w)),
+    ``images`` (B, H, W, 3) uint8 (video: clips (B, F, H, W, 3)), ``prompt_embeds`` (P, L, D) and
+    ``pooled`` (P, Dp) float32 per prompt (Dp may be 0), ``prompt_mask`` (P, L) bool where the family
+    masks text padding (Qwen-Image) else None, the sampler's ``sigmas`` (N+1,); with an SDE sampler
+    ``trajectory`` (B, T+1, *latent) and ``logp`` (B, T) over its T recorded steps (all N, or the window
+    starting at ``window_start``)."""
 
     group_size: int
     policy_version: int
@@ -105,6 +115,7 @@ class RolloutBatch:
     trajectory: np.ndarray | None = None
     logp: np.ndarray | None = None
     window_start: int | None = None
+    prompt_mask: np.ndarray | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -120,18 +131,24 @@ class RolloutBatch:
         if num_prompts is not None and p != num_prompts:
             c.fail("prompt_embeds", f"has {p} prompts, the driver asked for {num_prompts}")
         b = p * self.group_size
-        lat = c.array("latents", self.latents, 4, FLOATS, lead=b)
-        img = c.array("images", self.images, 4, ("uint8",), lead=b)
-        if img[-1] != 3:
-            c.fail("images", f"has shape {img}, want (B, H, W, 3)")
-        c.array("prompt_embeds", self.prompt_embeds, 3, FLOATS)
+        lat = c.array("latents", self.latents, LATENT_NDIM, FLOATS, lead=b)
+        img = c.array("images", self.images, (4, 5), ("uint8",), lead=b)
+        if img[-1] != 3 or (len(img) == 5) != (len(lat) == 5):
+            c.fail(
+                "images", f"has shape {img}, want (B, H, W, 3), or clips (B, F, H, W, 3) with video latents"
+            )
+        emb = c.array("prompt_embeds", self.prompt_embeds, 3, FLOATS)
         c.array("pooled", self.pooled, 2, FLOATS, lead=p)
+        if self.prompt_mask is not None:
+            mask = c.array("prompt_mask", self.prompt_mask, 2, ("bool",), lead=p)
+            if mask[1] != emb[1]:
+                c.fail("prompt_mask", f"has shape {mask}, want (P, L) with prompt_embeds {emb}")
         c.sigmas(self.sigmas)
         c.finite("latents", self.latents)
         if (self.trajectory is None) != (self.logp is None):
             c.fail("trajectory", "and logp come together (an SDE sampler records both) or not at all")
         if self.trajectory is not None and self.logp is not None:
-            traj = c.array("trajectory", self.trajectory, 5, TRAJ_DTYPES, lead=b)
+            traj = c.array("trajectory", self.trajectory, (5, 6), TRAJ_DTYPES, lead=b)
             logp = c.array("logp", self.logp, 2, TRAJ_DTYPES, lead=b)
             if traj[1] != logp[1] + 1 or traj[2:] != lat[1:]:
                 c.fail("trajectory", f"has shape {traj}, want (B, T+1) + latent {lat[1:]} with logp {logp}")
@@ -152,6 +169,7 @@ class RolloutBatch:
             images=self.images[rows],
             prompt_embeds=self.prompt_embeds[groups],
             pooled=self.pooled[groups],
+            prompt_mask=None if self.prompt_mask is None else self.prompt_mask[groups],
             trajectory=None if self.trajectory is None else self.trajectory[rows],
             logp=None if self.logp is None else self.logp[rows],
         )
@@ -162,16 +180,37 @@ class RolloutBatch:
         sampler grid and the window (the driver checks the version first, with its own message)."""
         first = parts[0]
         cat = lambda k: np.concatenate([getattr(p, k) for p in parts])  # noqa: E731
+        embeds, mask = join_text([p.prompt_embeds for p in parts], [p.prompt_mask for p in parts])
         return replace(
             first,
             latents=cat("latents"),
             images=cat("images"),
-            prompt_embeds=cat("prompt_embeds"),
+            prompt_embeds=embeds,
+            prompt_mask=mask,
             pooled=cat("pooled"),
             seconds=max(p.seconds for p in parts),
             trajectory=cat("trajectory") if first.trajectory is not None else None,
             logp=cat("logp") if first.logp is not None else None,
         )
+
+
+def join_text(
+    embeds: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-part text features ``(P_k, L_k, D)`` (and masks) as one ``(sum P_k, max L_k, D)`` array: parts
+    whose token lengths differ (Qwen-Image pads to each batch's longest prompt) are zero-padded and the
+    padding masked; None when no part needed a mask."""
+    length = max(int(e.shape[1]) for e in embeds)
+    padded = [np.pad(e, ((0, 0), (0, length - e.shape[1]), (0, 0))) for e in embeds]
+    if all(m is None for m in masks) and all(e.shape[1] == length for e in embeds):
+        return np.concatenate(padded), None
+    full = [
+        np.ones(e.shape[:2], dtype=bool) if m is None else m.astype(bool)
+        for e, m in zip(embeds, masks, strict=True)
+    ]
+    return np.concatenate(padded), np.concatenate(
+        [np.pad(m, ((0, 0), (0, length - m.shape[1]))) for m in full]
+    )
 
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
@@ -188,7 +227,8 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
 @dataclass
 class TrainShard:
     """One learner rank's share of a step (whole prompt groups): the final ``latents`` (B, C, h, w), the
-    per-image text features ``prompt_embeds`` (B, L, D) and ``pooled`` (B, Dp), ``group_ids`` (B,) and
+    per-image text features ``prompt_embeds`` (B, L, D), ``pooled`` (B, Dp) and ``prompt_mask`` (B, L) or
+    None (:class:`RolloutBatch`), ``group_ids`` (B,) and
     ``advantages`` (B,), the sampler's ``sigmas`` and ``shift``, the ``policy_version`` that sampled it,
     and the SDE ``trajectory`` / ``logp`` (with ``window_start``) when the sampler recorded them."""
 
@@ -204,6 +244,7 @@ class TrainShard:
     trajectory: np.ndarray | None = None
     logp: np.ndarray | None = None
     window_start: int = 0
+    prompt_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
@@ -218,6 +259,7 @@ class TrainShard:
         group_b = np.repeat(np.arange(batch.num_prompts), g)
         embeds = np.repeat(batch.prompt_embeds, g, axis=0)
         pooled = np.repeat(batch.pooled, g, axis=0)
+        mask = None if batch.prompt_mask is None else np.repeat(batch.prompt_mask, g, axis=0)
         shards = []
         for lo, hi in split_evenly(batch.num_prompts, num_ranks):
             sl = slice(lo * g, hi * g)
@@ -228,6 +270,7 @@ class TrainShard:
                     latents=batch.latents[sl],
                     prompt_embeds=embeds[sl],
                     pooled=pooled[sl],
+                    prompt_mask=None if mask is None else mask[sl],
                     group_ids=group_b[sl],
                     advantages=np.asarray(advantages[sl]),
                     sigmas=batch.sigmas,
@@ -244,9 +287,13 @@ class TrainShard:
         if self.policy_version < 0:
             c.fail("policy_version", f"= {self.policy_version}, want >= 0")
         b = len(self)
-        lat = c.array("latents", self.latents, 4, FLOATS)
-        c.array("prompt_embeds", self.prompt_embeds, 3, FLOATS, lead=b)
+        lat = c.array("latents", self.latents, LATENT_NDIM, FLOATS)
+        emb = c.array("prompt_embeds", self.prompt_embeds, 3, FLOATS, lead=b)
         c.array("pooled", self.pooled, 2, FLOATS, lead=b)
+        if self.prompt_mask is not None:
+            mask = c.array("prompt_mask", self.prompt_mask, 2, ("bool",), lead=b)
+            if mask[1] != emb[1]:
+                c.fail("prompt_mask", f"has shape {mask}, want (B, L) with prompt_embeds {emb}")
         c.array("group_ids", self.group_ids, 1, ("int64", "int32"), lead=b)
         c.array("advantages", self.advantages, 1, ("float32", "float64"), lead=b)
         c.finite("advantages", self.advantages)
@@ -259,7 +306,7 @@ class TrainShard:
         if (self.trajectory is None) != (self.logp is None):
             c.fail("trajectory", "and logp come together or not at all")
         if self.trajectory is not None and self.logp is not None:
-            traj = c.array("trajectory", self.trajectory, 5, TRAJ_DTYPES, lead=b)
+            traj = c.array("trajectory", self.trajectory, (5, 6), TRAJ_DTYPES, lead=b)
             logp = c.array("logp", self.logp, 2, TRAJ_DTYPES, lead=b)
             if traj[1] != logp[1] + 1 or traj[2:] != lat[1:]:
                 c.fail("trajectory", f"has shape {traj}, want (B, T+1) + latent {lat[1:]} with logp {logp}")

@@ -44,7 +44,7 @@ from vgrpo.core import metrics
 from vgrpo.proto.config import RewardConfig, RewardServerConfig
 from vgrpo.proto.messages import RewardScores
 from vgrpo.reward_servers import registry
-from vgrpo.reward_servers.base import Reward, ScoredItem
+from vgrpo.reward_servers.base import Reward, ScoredItem, flatten_clips
 from vgrpo.reward_servers.http_client import (
     MAX_IMAGE_PIXELS,
     ImageFormatError,
@@ -364,6 +364,8 @@ class RewardClient:
                 f"{len(images_bhwc)} images, {len(prompts)} prompts and "
                 f"{'no' if metadata is None else len(metadata)} metadata rows: pass one per image"
             )
+        if len(images_bhwc) and np.asarray(images_bhwc[0]).ndim == 4:
+            return await self._score_clips(images_bhwc, prompts, metadata, keep_failures)
         images = []
         for i, image in enumerate(images_bhwc):
             try:
@@ -399,6 +401,39 @@ class RewardClient:
             batch_sizes={name: [o.batch_size for o in outs] for name, outs in outcomes.items()},
             seconds=time.perf_counter() - t0,
             retries=sum(o.retries for outs in outcomes.values() for o in outs),
+        )
+
+    async def _score_clips(
+        self,
+        clips: np.ndarray | Sequence[Any],
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None,
+        keep_failures: bool,
+    ) -> RewardScores:
+        """Clips ``(F, H, W, 3)`` (a video family's samples): every frame scored by every (image) reward,
+        each clip's values the mean of its frames'; a frame that fails fails its clip."""
+        frames, owner = flatten_clips(clips)
+        meta = None if metadata is None else [metadata[k] for k in owner]
+        per_frame = await self.score_async(frames, [prompts[k] for k in owner], meta, keep_failures)
+        owner_f = np.asarray(owner)
+        n = len(clips)
+        first = [owner.index(k) for k in range(n)]
+        mean = lambda v: np.array([v[owner_f == k].mean() for k in range(n)])  # noqa: E731
+        failed = None
+        if per_frame.failed is not None:
+            failed = np.array([bool(per_frame.failed[owner_f == k].any()) for k in range(n)])
+        return RewardScores(
+            values={name: mean(v) for name, v in per_frame.values.items()},
+            total=mean(per_frame.total),
+            details={
+                name: [{**d[i], "frames": len(clips[k])} for k, i in enumerate(first)]
+                for name, d in per_frame.details.items()
+            },
+            batch_sizes={name: [b[i] for i in first] for name, b in per_frame.batch_sizes.items()},
+            seconds=per_frame.seconds,
+            retries=per_frame.retries,
+            failed=failed,
+            errors=per_frame.errors,
         )
 
 

@@ -94,7 +94,7 @@ class RolloutWorkerShell(RolloutEngine, WeightSyncMember):
             keep = {k: p.detach().clone() for k, p in trainable_params(self.pipe.transformer).items()}
             load_weights(self.pipe.transformer, weights)
             try:
-                result = sample_heldout(self.pipe, prompts, **kwargs)
+                result = sample_heldout(self.pipe, prompts, **self.heldout_geometry(kwargs))
             finally:
                 load_weights(self.pipe.transformer, keep)
             result["policy_version"] = self.version

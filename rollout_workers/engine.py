@@ -16,7 +16,6 @@ from vgrpo.core import policy as P
 from vgrpo.core.adapters import add_lora, load_weights, trainable_params
 from vgrpo.core.flow import (
     ode_sample,
-    sd3_sigmas,
     sde_sample,
     sde_window_sample,
 )
@@ -52,7 +51,9 @@ class RolloutEngine:
         self.model_cfg, self.cfg, self.sampler, self.noise_level = model, rollout, sampler, noise_level
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(model.dtype, self.device)
-        self.pipe: Any = cast(Any, P.load_pipeline(model.path, dtype=self.dtype, device=self.device))
+        self.pipe: Any = cast(
+            Any, P.load_pipeline(model.path, dtype=self.dtype, device=self.device, family=model.family)
+        )
         self.pipe.transformer.requires_grad_(False)
         if model.lora is not None:
             add_lora(self.pipe.transformer, model.lora, seed=seed)
@@ -60,13 +61,11 @@ class RolloutEngine:
         self.version = 0
         self.incomplete = False  # a broadcast broke off midway: the weights are not one version
         self._lock = threading.Lock()
-        shift = (
-            rollout.shift
-            if rollout.shift is not None
-            else float(self.pipe.scheduler.config.get("shift", 1.0))
+        # one sample's latent shape and the sigma shift (the family's, size-dependent for FLUX/Qwen-Image)
+        self.latent_shape, self.shift = P.sample_geometry(
+            self.pipe, rollout.height, rollout.width, model.frames, rollout.shift
         )
-        self.shift = shift
-        self.sigmas = sd3_sigmas(rollout.num_steps, shift=shift, grid=sigma_grid)
+        self.sigmas = P.sigma_grid(self.pipe, rollout.num_steps, self.shift, sigma_grid)
 
     # ------------------------------------------------------------------------------------ weights
 
@@ -113,9 +112,10 @@ class RolloutEngine:
         seeds: list[int],
         window: tuple[int, int] | None = None,
     ) -> RolloutBatch:
-        """G images for each prompt (image j of prompt i at index i*G + j, its noise from seeds[i*G + j]),
-        as a ``RolloutBatch`` (proto/messages.py): final latents, images, per-prompt text features, the
-        sampler's grid, and for the SDE sampler the trajectory (B, N+1, C, h, w) and log-probs (B, N).
+        """G samples for each prompt (sample j of prompt i at index i*G + j, its noise from seeds[i*G + j]),
+        as a ``RolloutBatch`` (proto/messages.py): final latents, images (video: clips), per-prompt text
+        features, the sampler's grid, and for the SDE sampler the trajectory (B, N+1, *latent) and
+        log-probs (B, N).
         The ``sde_window`` sampler (MixGRPO, Flow-GRPO-Fast) takes ``window = (start, W)``, the same for
         every image of the call, and records the window's trajectory (B, W+1, C, h, w) and log-probs
         (B, W) from ``window_start``."""
@@ -138,18 +138,14 @@ class RolloutEngine:
             t0 = time.perf_counter()
             version = self.version
             pipe = self.pipe
-            embeds_pld, pooled_pd = P.encode_prompts(pipe, prompts, self.model_cfg.max_sequence_length)
+            cond_p = P.encode_prompts(pipe, prompts, self.model_cfg.max_sequence_length)
             index_b = torch.arange(len(prompts)).repeat_interleave(group_size)
-            height, width = P.native_size(pipe)
-            height, width = self.cfg.height or height, self.cfg.width or width
-            scale = int(pipe.vae_scale_factor)
-            shape_chw = (int(pipe.transformer.config.in_channels), height // scale, width // scale)
             out: dict[str, list[torch.Tensor]] = {"latents": [], "trajectory": [], "logp": []}
             gen = torch.Generator().manual_seed(int(seeds[0]) + 1)  # SDE noise, deterministic per batch
             for lo in range(0, n, self.cfg.batch_size):
                 idx = index_b[lo : lo + self.cfg.batch_size]
-                x1 = P.initial_noise(list(seeds[lo : lo + len(idx)]), shape_chw).to(self.device)
-                v_fn = self._velocity_fn(embeds_pld[idx], pooled_pd[idx])
+                x1 = P.initial_noise(list(seeds[lo : lo + len(idx)]), self.latent_shape).to(self.device)
+                v_fn = self._velocity_fn(cond_p.rows(idx))
                 if self.sampler == "sde":
                     x0, traj, logp = sde_sample(v_fn, x1, self.sigmas, self.noise_level, generator=gen)
                     out["trajectory"].append(traj.cpu())
@@ -164,15 +160,16 @@ class RolloutEngine:
                     x0 = ode_sample(v_fn, x1, self.sigmas, solver=self.sampler)
                 out["latents"].append(x0.float().cpu())
             latents = torch.cat(out["latents"])
-            images = P.decode_latents(pipe.vae, latents)
+            images = P.decode(pipe, latents)
             recorded = bool(out["trajectory"])
             return RolloutBatch(
                 group_size=group_size,
                 policy_version=version,
                 latents=latents.numpy(),
                 images=images,
-                prompt_embeds=embeds_pld.float().cpu().numpy(),
-                pooled=pooled_pd.float().cpu().numpy(),
+                prompt_embeds=cond_p.embeds.float().cpu().numpy(),
+                pooled=cond_p.pooled.float().cpu().numpy(),
+                prompt_mask=None if cond_p.mask is None else cond_p.mask.cpu().numpy(),
                 sigmas=self.sigmas.numpy(),
                 shift=self.shift,
                 seconds=time.perf_counter() - t0,
@@ -181,10 +178,10 @@ class RolloutEngine:
                 window_start=int(window[0]) if window is not None else None,
             )
 
-    def _velocity_fn(self, embeds_bld: torch.Tensor, pooled_bd: torch.Tensor):
+    def _velocity_fn(self, cond_b: P.TextCond):
         transformer, w = self.pipe.transformer, self.cfg.guidance_scale
-        uncond = P.empty_prompt_embeds(self.pipe) if w != 1.0 else None
-        return lambda x, s: P.guided_velocity(transformer, x, s, embeds_bld, pooled_bd, w, uncond)
+        uncond = P.empty_prompt_embeds(self.pipe, self.model_cfg.max_sequence_length) if w != 1.0 else None
+        return lambda x, s: P.guided_velocity(transformer, x, s, cond_b, w, uncond)
 
     # ------------------------------------------------------------------------------------ evaluation
 
@@ -192,6 +189,16 @@ class RolloutEngine:
         """The held-out images of ``prompts`` with this worker's current weights (``core.heldout``: fixed
         seeds, the deterministic ODE sampler); the driver scores and tabulates them."""
         with self._lock:
-            result = sample_heldout(self.pipe, prompts, **kwargs)
+            result = sample_heldout(self.pipe, prompts, **self.heldout_geometry(kwargs))
             result["policy_version"] = self.version
             return result
+
+    def heldout_geometry(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Held-out sampling at the rollout's size, frames and prompt length unless ``kwargs`` says."""
+        geometry = {
+            "height": self.cfg.height,
+            "width": self.cfg.width,
+            "frames": self.model_cfg.frames,
+            "max_sequence_length": self.model_cfg.max_sequence_length,
+        }
+        return {**geometry, **kwargs}

@@ -35,14 +35,17 @@ class FakeTransformer(nn.Module):
 
 def test_guided_training_forward_differentiates_only_the_conditional_branch() -> None:
     """Flow-GRPO and DGPO detach v_u: d/dθ [v_u + w (v_c - v_u)] = w dv_c/dθ, not w dv_c - (w-1) dv_u."""
-    from vgrpo.learner.engine import SD3LearnerPolicy
+    from vgrpo.core.families import FAMILIES, TextCond
+    from vgrpo.learner.engine import LearnerPolicy
 
     net = FakeTransformer()
     w = 4.5
-    uncond = (torch.zeros(1, 3, 2), torch.full((1, 2), 2.0))  # empty-prompt embeds, pooled mean 2
-    policy = SD3LearnerPolicy(net, guidance_scale=w, uncond=uncond, old_module=net, ref_module=net)
+    uncond = TextCond(torch.zeros(1, 3, 2), torch.full((1, 2), 2.0))  # empty-prompt embeds, pooled mean 2
+    policy = LearnerPolicy(
+        net, guidance_scale=w, uncond=uncond, old_module=net, ref_module=net, family=FAMILIES["sd3"]
+    )
     x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    cond = (torch.zeros(2, 3, 2), torch.full((2, 2), -1.0))  # pooled mean -1
+    cond = TextCond(torch.zeros(2, 3, 2), torch.full((2, 2), -1.0))  # pooled mean -1
     v = policy.velocity(x, torch.full((2,), 0.5), cond)
     v.sum().backward()
     # v_c = a x + b (-1), v_u = a x + b 2: with v_u detached, dv/da = w x, dv/db = w (-1)
@@ -56,10 +59,12 @@ def test_guided_training_forward_differentiates_only_the_conditional_branch() ->
 
 
 def test_the_timestep_reaches_the_transformer_in_float32() -> None:
+    from vgrpo.core.families import FAMILIES, TextCond
     from vgrpo.core.policy import velocity
 
     net = FakeTransformer()
-    velocity(net, torch.zeros(1, 1, 2, 2), torch.tensor([0.123456]), torch.zeros(1, 3, 2), torch.zeros(1, 2))  # type: ignore[arg-type]
+    cond = TextCond(torch.zeros(1, 3, 2), torch.zeros(1, 2))
+    velocity(net, torch.zeros(1, 1, 2, 2), torch.tensor([0.123456]), cond, family=FAMILIES["sd3"])
     assert net.timesteps[-1].dtype == torch.float32
     assert float(net.timesteps[-1]) == pytest.approx(123.456, abs=1e-4)
 

@@ -4,7 +4,7 @@ random weights (nothing is downloaded) runs the project's rollout and learner co
 No Ray and no DeepSpeed (the GPU machine has neither): the rollout is what ``RolloutEngine.sample`` runs
 per batch (``P.initial_noise`` -> ``ode_sample`` over ``P.velocity`` -> ``P.decode_latents``) with random
 prompt embeddings of the real shapes; the learner step is the V-GRPO objective through
-``SD3LearnerPolicy`` on a batch laid out as ``LearnerEngine._to_batch`` lays it (on the device), with a
+``LearnerPolicy`` on a batch laid out as ``LearnerEngine._to_batch`` lays it (on the device), with a
 plain torch AdamW on an fp32 LoRA over bf16 base weights under bf16 autocast.
 
     pytest -m gpu tests/test_gpu.py        # on a CUDA machine; docs/benchmarks.md has the device command
@@ -29,8 +29,9 @@ from vgrpo.core.adapters import (
     load_weights,
     trainable_params,
 )
+from vgrpo.core.families import TextCond
 from vgrpo.core.flow import ode_sample, sd3_sigmas
-from vgrpo.learner.engine import SD3LearnerPolicy
+from vgrpo.learner.engine import LearnerPolicy
 from vgrpo.learner.objectives.base import TrainBatch
 from vgrpo.learner.objectives.vgrpo import VGRPO
 from vgrpo.model_configs import SD35_VAE, SD35M_TRANSFORMER
@@ -59,11 +60,11 @@ def build_transformer(seed: int = 0) -> Any:
     return model.to(device=DEVICE, dtype=torch.bfloat16).eval().requires_grad_(False)
 
 
-def cond(b: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def cond(b: int, seed: int = 0) -> TextCond:
     g = torch.Generator().manual_seed(seed)
     embeds = torch.randn(b, TEXT_LEN, SD35M["joint_attention_dim"], generator=g)  # type: ignore[call-overload]
     pooled = torch.randn(b, SD35M["pooled_projection_dim"], generator=g)  # type: ignore[call-overload]
-    return embeds.to(DEVICE, torch.bfloat16), pooled.to(DEVICE, torch.bfloat16)
+    return TextCond(embeds.to(DEVICE, torch.bfloat16), pooled.to(DEVICE, torch.bfloat16))
 
 
 def lora_state(model: Any, adapter: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
@@ -120,12 +121,12 @@ def test_transformer_is_sd35_medium_shaped(rollout_model):
 def test_velocity_at_512_is_finite_and_lora_starts_as_identity(rollout_model):
     x = torch.randn(2, *LATENT, device=DEVICE)
     sigma = torch.tensor([1.0, 0.3])
-    embeds, pooled = cond(2)
-    v = P.velocity(rollout_model, x, sigma, embeds, pooled)
+    text = cond(2)
+    v = P.velocity(rollout_model, x, sigma, text)
     assert v.shape == (2, *LATENT) and v.dtype == torch.bfloat16
     assert torch.isfinite(v).all() and v.float().abs().sum() > 0
     with adapters_disabled(rollout_model):  # LoRA B = 0 at version 0: the adapted model is the base
-        v_base = P.velocity(rollout_model, x, sigma, embeds, pooled)
+        v_base = P.velocity(rollout_model, x, sigma, text)
     torch.testing.assert_close(v, v_base)
 
 
@@ -133,11 +134,11 @@ def test_velocity_at_512_is_finite_and_lora_starts_as_identity(rollout_model):
 @torch.no_grad()
 def test_rollout_samples_and_decodes_512_images(rollout_model, vae):
     seeds = [3, 4]
-    embeds, pooled = cond(2, seed=1)
+    text = cond(2, seed=1)
     sigmas = sd3_sigmas(4, shift=3.0)
 
     def v_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # RolloutEngine._velocity_fn, CFG off
-        return P.velocity(rollout_model, x, s, embeds, pooled).float()
+        return P.velocity(rollout_model, x, s, text).float()
 
     x1 = P.initial_noise(seeds, LATENT).to(DEVICE)
     latents = ode_sample(v_fn, x1, sigmas, solver="dpm2").float().cpu()
@@ -151,13 +152,13 @@ def test_rollout_samples_and_decodes_512_images(rollout_model, vae):
 def vgrpo_batch(b: int, group: int, seed: int = 0) -> TrainBatch:
     """A micro batch as ``LearnerEngine._to_batch`` builds it: every tensor on the device."""
     g = torch.Generator().manual_seed(seed)
-    embeds, pooled = cond(b, seed)
+    text = cond(b, seed)
     rewards = torch.randn(b, generator=g)
     group_ids = torch.arange(b) // group
     adv, _ = VGRPO(VGRPOConfig()).advantages(rewards, group_ids)  # the driver's side, on the host
     return TrainBatch(
         latents_bchw=torch.randn(b, *LATENT, generator=g).to(DEVICE),
-        cond=(embeds, pooled),
+        cond=(text),
         group_ids_b=group_ids.to(DEVICE),
         advantages_b=adv.to(DEVICE),
         sigmas=sd3_sigmas(10, shift=3.0),
@@ -165,7 +166,7 @@ def vgrpo_batch(b: int, group: int, seed: int = 0) -> TrainBatch:
     )
 
 
-def loss_and_backward(obj: VGRPO, policy: SD3LearnerPolicy, batch: TrainBatch, seed: int):
+def loss_and_backward(obj: VGRPO, policy: LearnerPolicy, batch: TrainBatch, seed: int):
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         loss, diag = obj.loss(policy, batch, torch.Generator().manual_seed(seed))
     assert loss.ndim == 0 and torch.isfinite(loss), loss
@@ -184,7 +185,7 @@ def test_vgrpo_learner_step_trains_only_the_lora(learner_model):
     assert not any(p.requires_grad for p in model.parameters() if id(p) not in trained)
     opt = torch.optim.AdamW(list(train.values()), lr=1e-3, weight_decay=0.0)
     obj = VGRPO(VGRPOConfig(n_mc=2, kl_beta=0.01, advantage=AdvantageConfig(norm="group", soft_clip=3.0)))
-    policy = SD3LearnerPolicy(model)
+    policy = LearnerPolicy(model)
     batch = vgrpo_batch(4, group=2, seed=0)  # two prompt groups of two images, 512²
     v0 = lora_state(model)
 
@@ -223,7 +224,7 @@ def test_activation_checkpointing_same_gradient_less_memory(learner_model):
     model = learner_model
     train = adapter_params(model, TRAIN_ADAPTER)
     obj = VGRPO(VGRPOConfig(n_mc=1))
-    policy = SD3LearnerPolicy(model)
+    policy = LearnerPolicy(model)
     policy._old_is_current = True
     batch = vgrpo_batch(2, group=2, seed=5)
     runs = {}
@@ -259,13 +260,13 @@ def test_lora_payload_moves_from_learner_to_rollout(learner_model, rollout_model
     state = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}  # B != 0
     assert state.keys() == trainable_params(rollout_model).keys()
     x = torch.randn(1, *LATENT, device=DEVICE)
-    embeds, pooled = cond(1)
+    text = cond(1)
     sigma = torch.tensor([0.5])
-    before = P.velocity(rollout_model, x, sigma, embeds, pooled)
+    before = P.velocity(rollout_model, x, sigma, text)
     load_weights(rollout_model, state)
     for k, p in adapter_params(rollout_model).items():
         torch.testing.assert_close(p.float().cpu(), state[k].to(torch.bfloat16).float())
-    after = P.velocity(rollout_model, x, sigma, embeds, pooled)
+    after = P.velocity(rollout_model, x, sigma, text)
     assert torch.isfinite(after).all() and not torch.equal(before, after)
     with adapters_disabled(rollout_model):
-        torch.testing.assert_close(P.velocity(rollout_model, x, sigma, embeds, pooled), before)
+        torch.testing.assert_close(P.velocity(rollout_model, x, sigma, text), before)

@@ -97,9 +97,10 @@ def test_the_vae_alone_keeps_the_detectors_verdict_on_held_out_scenes(pipe):
 
 def test_velocity_feeds_1000_sigma(pipe):
     x = torch.randn(2, 4, 16, 16)
-    embeds, pooled = policy.encode_prompts(pipe, ["a photo of a ring", "a photo of a ring"])
+    cond = policy.encode_prompts(pipe, ["a photo of a ring", "a photo of a ring"])
+    embeds, pooled = cond.embeds, cond.pooled
     with torch.no_grad():
-        v = policy.velocity(pipe.transformer, x, torch.tensor([0.3, 0.3]), embeds, pooled)
+        v = policy.velocity(pipe.transformer, x, torch.tensor([0.3, 0.3]), cond)
         ref = pipe.transformer(
             hidden_states=x,
             timestep=torch.tensor([300.0, 300.0]),

@@ -156,7 +156,7 @@ def load_run_pipeline(run_dir: Path, step: int | None, device: str = "cpu") -> t
 
     cfg = run_config(run_dir)
     step, weights = policy_weights(run_dir, step)
-    pipe: Any = load_pipeline(cfg.model.path, dtype=torch.float32, device=device)
+    pipe: Any = load_pipeline(cfg.model.path, dtype=torch.float32, device=device, family=cfg.model.family)
     if cfg.model.lora is not None:
         add_lora(pipe.transformer, cfg.model.lora, seed=cfg.train.seed)
     if weights is not None:

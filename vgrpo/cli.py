@@ -116,6 +116,25 @@ def pretrain_tiny_cmd(
     typer.echo(f"saved the tiny SD3 pipeline to {path}; evaluate it with: vgrpo eval --model {path}")
 
 
+@app.command("tiny-model")
+def tiny_model_cmd(
+    family: str = typer.Option(..., "--family", help="sd3, flux, qwen_image or wan"),
+    out: Path = typer.Option(..., "--out", help="folder to write the diffusers pipeline to"),
+    variant: str | None = typer.Option(
+        None, "--variant", help="flux only: dev (guidance-distilled, dynamic shift; default) or schnell"
+    ),
+) -> None:
+    """Build a tiny, randomly initialised pipeline of a model family (no download), for trying the
+    family's code paths on a CPU; its vgrpo.json names the native size to train at."""
+    from vgrpo.tiny_families import build_tiny
+
+    try:
+        info = build_tiny(family, out, variant)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"built a tiny {family} {info['class']} in {info['path']} ({info['mb']:.1f} MB)")
+
+
 @app.command("eval")
 def eval_cmd(
     model: str | None = typer.Option(
@@ -196,6 +215,7 @@ def eval_cmd(
         fail(f"--sampler {sampler!r}: eval uses a deterministic ODE solver; fix: --sampler dpm2 or euler")
     import torch
 
+    from vgrpo.core.families import FamilyError
     from vgrpo.core.policy import ModelPathError, load_pipeline
     from vgrpo.evaluate import evaluate_policy, load_prompt_rows, print_table, save_grid, strip_images
 
@@ -215,6 +235,7 @@ def eval_cmd(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # sampler settings: flags, else --config's data.eval_*, else the run's, else the defaults
     eval_data = resolve_config(config, None).data if config is not None else RunConfig().data
+    geometry: dict = {}
     try:
         if run_dir is not None:
             from vgrpo.checkpoints import RunDirError, load_run_pipeline
@@ -226,9 +247,16 @@ def eval_cmd(
             model = f"{run_dir} step {step}"
             if config is None:
                 eval_data = run_cfg.data
+            # the run's samples: its rollout size, frames and prompt length
+            geometry = dict(
+                height=run_cfg.rollout.height,
+                width=run_cfg.rollout.width,
+                frames=run_cfg.model.frames,
+                max_sequence_length=run_cfg.model.max_sequence_length,
+            )
         else:
             pipe = load_pipeline(str(model), dtype=torch.float32, device=device)
-    except ModelPathError as e:
+    except (ModelPathError, FamilyError) as e:
         fail(str(e))
     from typing import Any
 
@@ -240,6 +268,7 @@ def eval_cmd(
         sampler=sampler,
         batch_size=batch_size,
         keep_images=grid is not None,
+        **geometry,
     )
     if reward_model is None:
         result = evaluate_policy(pipe, rows, **eval_kwargs)
@@ -452,6 +481,7 @@ def _dry_run(
     import os
 
     from vgrpo import placement
+    from vgrpo import plan as PL
 
     try:
         placement.check_reward_names(cfg)
@@ -469,6 +499,8 @@ def _dry_run(
             nodes, aggregate = placement.local_cluster(cfg), False
             source = "this machine, as the embedded Ray would see it"
         plan = placement.plan_placement(cfg, nodes, aggregate, source)
+        # memory per role on its GPUs (vgrpo/plan.py); reads no model file when model.family is set
+        memory = PL.memory_check(cfg, nodes)
     except ConfigError as e:
         fail("invalid configuration:\n" + "\n".join(f"  - {p}" for p in e.problems))
     except placement.ResourcesError as e:
@@ -477,9 +509,14 @@ def _dry_run(
         f"config: valid ({cfg.algorithm.name}, model {cfg.model.path}, rewards {', '.join(cfg.reward.weights)})"
     )
     typer.echo(f"run directory: {run_dir}" + (f" (mirrored to {mirror_to})" if mirror_to else ""))
+    typer.echo("\n".join(memory.lines))  # before the plan: its last line stays the verdict
     typer.echo(placement.format_plan(plan))
-    if plan.fits:
+    if plan.fits and memory.fits:
         return 0
+    if not memory.fits:  # the verdict, last: the role, the bytes needed and held, the fixes
+        typer.echo(f"does not fit in GPU memory: {memory.problem}")
+        if plan.fits:
+            return 3
     typer.echo(
         f"error: the cluster cannot hold this plan ({', '.join(plan.short)} short); fix: a bigger cluster, "
         "or fewer actors/resources (rollout.num_workers, learner.num_ranks, reward.servers.<name>.num_replicas, "

@@ -113,9 +113,13 @@ def print_table(result: dict[str, Any], title: str = "GenEval-Shapes") -> None:
 def save_grid(
     images_nhwc: np.ndarray, captions: list[str], path: str | Path, columns: int = 8, scale: int = 2
 ) -> None:
-    """A PNG grid of images, each with its caption (wrapped) beneath, for looking at before trusting numbers."""
+    """A PNG grid of images (clips as frame strips), each with its caption (wrapped) beneath, for looking at
+    before trusting numbers."""
     from PIL import Image, ImageDraw
 
+    from vgrpo.run_dir import frame_strips
+
+    images_nhwc = frame_strips(np.asarray(images_nhwc))
     n = len(images_nhwc)
     h, w = images_nhwc.shape[1] * scale, images_nhwc.shape[2] * scale
     cap_h = 34
@@ -242,7 +246,7 @@ class HeldoutTable:
     def add(self, jobs: list[tuple[int, int, int]], images_bhwc: np.ndarray) -> None:
         """Scores one batch: ``jobs`` are ``(prompt index, image index, seed)`` of ``images_bhwc``."""
         prompts = [self.rows[i]["prompt"] for i, _, _ in jobs]
-        items = self.reward.score(list(images_bhwc), prompts, [self.rows[i] for i, _, _ in jobs])
+        items = self.reward.score_samples(list(images_bhwc), prompts, [self.rows[i] for i, _, _ in jobs])
         for (i, _, s), item in zip(jobs, items, strict=True):
             record: dict[str, Any] = {"seed": s}
             if item.value is None or item.error:
@@ -321,11 +325,12 @@ def evaluate_policy(
     shift: float | None = None,
     batch_size: int = 32,
     keep_images: bool = False,
+    **geometry: Any,
 ) -> dict[str, Any]:
     """GenEval-Shapes: sample, detect, judge (:func:`evaluate_with_reward` with the shapes reward)."""
     return evaluate_with_reward(
         pipe, rows, shapes_reward(), "shapes", images_per_prompt, seed, num_steps, guidance_scale,
-        sampler, shift, batch_size, keep_images,
+        sampler, shift, batch_size, keep_images, **geometry,
     )  # fmt: skip
 
 
@@ -342,17 +347,19 @@ def evaluate_with_reward(
     shift: float | None = None,
     batch_size: int = 32,
     keep_images: bool = False,
+    **geometry: Any,
 ) -> dict[str, Any]:
     """Samples ``images_per_prompt`` images per prompt (``core.heldout``: image j of prompt i from seed
-    ``seed + i·images_per_prompt + j``) and scores each batch as it comes (:class:`HeldoutTable`).
-    Returns the table (and ``"images"``: uint8 ``(N, H, W, 3)`` in prompt-major order when
-    ``keep_images``)."""
+    ``seed + i·images_per_prompt + j``; ``geometry``: height, width, frames, max_sequence_length as the
+    run's rollout) and scores each batch as it comes (:class:`HeldoutTable`; a clip's frames each, then
+    their mean). Returns the table (and ``"images"``: uint8 ``(N, H, W, 3)`` (clips ``(N, F, H, W, 3)``)
+    in prompt-major order when ``keep_images``)."""
     settings = heldout_settings(images_per_prompt, seed, num_steps, guidance_scale, sampler, shift)
     table = HeldoutTable(rows, reward, benchmark, settings)
     all_images: list[np.ndarray] = []
     for jobs, images_bhwc in sample_chunks(
         pipe, [r["prompt"] for r in rows], images_per_prompt, seed, batch_size, num_steps,
-        guidance_scale, sampler, shift,
+        guidance_scale, sampler, shift, **geometry,
     ):  # fmt: skip
         table.add(jobs, images_bhwc)
         if keep_images:

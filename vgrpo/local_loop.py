@@ -101,7 +101,7 @@ class LocalLoop:
         details: dict[str, list[dict[str, Any]]] = {}
         total = np.zeros(len(prompts))
         for name, reward in self.rewards.items():
-            scored = reward.score(list(images), prompts, metadata)
+            scored = reward.score_samples(list(images), prompts, metadata)
             got = [s.value if s.error is None else None for s in scored]
             bad = next((i for i, v in enumerate(got) if v is None or not np.isfinite(v)), None)
             if bad is not None:

@@ -146,7 +146,18 @@ class RunDir:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def frame_strips(samples: np.ndarray) -> np.ndarray:
+    """Images as they are; clips ``(B, F, H, W, 3)`` as frame strips ``(B, H, F·W, 3)`` (a video family's
+    samples in the sample grid and the report)."""
+    if samples.ndim != 5:
+        return samples
+    b, f, h, w, c = samples.shape
+    return samples.transpose(0, 2, 1, 3, 4).reshape(b, h, f * w, c)
+
+
 def image_grid(images_bhwc: np.ndarray, columns: int) -> np.ndarray:
+    """The samples in rows of ``columns`` on white (clips as frame strips)."""
+    images_bhwc = frame_strips(np.asarray(images_bhwc))
     b, h, w, c = images_bhwc.shape
     rows = math.ceil(b / columns)
     grid = np.full((rows * h, columns * w, c), 255, dtype=np.uint8)

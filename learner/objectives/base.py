@@ -31,9 +31,14 @@ class FlowPolicy(Protocol):
 
 
 def index_cond(cond: Any, idx: torch.Tensor) -> Any:
-    """Select batch rows of a conditioning: a tensor, or a tuple/list/dict of tensors."""
+    """Select batch rows of a conditioning: a tensor, or a tuple (a NamedTuple such as the families'
+    ``TextCond`` too; None entries stay None) / list / dict of tensors."""
+    if cond is None:
+        return None
     if isinstance(cond, torch.Tensor):
         return cond[idx]
+    if isinstance(cond, tuple) and hasattr(cond, "_fields"):
+        return type(cond)(*(index_cond(c, idx) for c in cond))
     if isinstance(cond, (tuple, list)):
         return type(cond)(index_cond(c, idx) for c in cond)
     if isinstance(cond, dict):
