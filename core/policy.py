@@ -103,13 +103,19 @@ def encode_prompts(pipe: Any, prompts: list[str], max_sequence_length: int = 256
     """The family's text conditioning of ``prompts`` (docs/families.md), one row per prompt; gradients
     flow (no ``no_grad`` here). ``max_sequence_length`` bounds the long text encoder's tokens (T5, UMT5,
     Qwen2.5-VL) and must fit the family."""
+    check_prompt_length(pipe, max_sequence_length)
+    return family_of(pipe).encode(pipe, list(prompts), max_sequence_length)
+
+
+def check_prompt_length(pipe: Any, max_sequence_length: int) -> None:
+    """A ValueError naming model.max_sequence_length when the pipeline's family takes fewer tokens (the
+    rollout worker checks it as it starts, before any step)."""
     family = family_of(pipe)
     if max_sequence_length > family.max_text_tokens:
         raise ValueError(
             f"model.max_sequence_length = {max_sequence_length}: {family.name} takes at most "
             f"{family.max_text_tokens} prompt tokens; fix: set model.max_sequence_length <= {family.max_text_tokens}"
         )
-    return family.encode(pipe, list(prompts), max_sequence_length)
 
 
 def empty_prompt_embeds(pipe: Any, max_sequence_length: int = 256) -> TextCond:

@@ -101,6 +101,16 @@ class ModelConfig(Section):
         None, ge=1, description="video frames per sample (Wan; None: the family's default, 1 for images)"
     )
 
+    @model_validator(mode="after")
+    def _prompt_length(self) -> ModelConfig:
+        limit = {"sd3": 512, "flux": 512, "wan": 512, "qwen_image": 1024}.get(self.family)
+        if limit is not None and self.max_sequence_length > limit:
+            raise ValueError(
+                f"model.max_sequence_length = {self.max_sequence_length}: model.family {self.family} takes at "
+                f"most {limit} prompt tokens; fix: --set model.max_sequence_length={limit}"
+            )
+        return self
+
 
 # ----------------------------------------------------------------------------------------------- data
 

@@ -55,6 +55,7 @@ class RolloutEngine:
             Any, P.load_pipeline(model.path, dtype=self.dtype, device=self.device, family=model.family)
         )
         self.pipe.transformer.requires_grad_(False)
+        P.check_prompt_length(self.pipe, model.max_sequence_length)
         if model.lora is not None:
             add_lora(self.pipe.transformer, model.lora, seed=seed)
             self.pipe.transformer.requires_grad_(False)

@@ -61,7 +61,9 @@ def test_model_family_is_a_checked_config_field():
     assert load_config(None, ["model.family=wan"]).model.family == "wan"
     with pytest.raises(ConfigError, match=r"model\.family"):
         load_config(None, ["model.family=kandinsky"])
-    assert load_config(None, ["model.max_sequence_length=1024"]).model.max_sequence_length == 1024
+    assert load_config(None, ["model.family=qwen_image", "model.max_sequence_length=1024"]).model.family
+    with pytest.raises(ConfigError, match=r"model\.family flux takes at most 512.*max_sequence_length=512"):
+        load_config(None, ["model.family=flux", "model.max_sequence_length=1024"])
 
 
 def test_prompt_length_limits_fit_each_family(tiny):
@@ -89,7 +91,13 @@ def test_flux_sampling_matches_diffusers_flux_pipeline(tiny, variant, guidance):
     h, w, _ = P.native_shape(pipe)
     shape, _ = P.sample_geometry(pipe)
     lat, images = P.sample(
-        pipe, PROMPTS[:1], [5], num_steps=3, guidance_scale=guidance, sampler="euler", max_sequence_length=TEXT_LEN
+        pipe,
+        PROMPTS[:1],
+        [5],
+        num_steps=3,
+        guidance_scale=guidance,
+        sampler="euler",
+        max_sequence_length=TEXT_LEN,
     )
     x1 = P.initial_noise([5], shape)
     packed = FluxPipeline._pack_latents(x1, 1, shape[0], shape[1], shape[2])
@@ -151,7 +159,9 @@ def test_wan_clip_sampling_matches_diffusers_wan_pipeline(tiny):
 
 def test_text_cond_cat_pads_and_masks_different_lengths():
     a = TextCond(torch.ones(1, 2, 3), torch.zeros(1, 0))
-    b = TextCond(torch.full((2, 4, 3), 2.0), torch.zeros(2, 0), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool())
+    b = TextCond(
+        torch.full((2, 4, 3), 2.0), torch.zeros(2, 0), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    )
     both = TextCond.cat([a, b])
     assert both.embeds.shape == (3, 4, 3) and both.mask is not None
     assert both.mask.tolist() == [[True, True, False, False], [True, True, True, False], [True] * 4]
@@ -207,7 +217,9 @@ def test_export_loads_in_the_familys_pipeline_and_reproduces_the_policy(tiny, tm
     assert cfg.model.lora is not None
     add_lora(pipe.transformer, cfg.model.lora)
     g = torch.Generator().manual_seed(0)
-    state = {k: 0.2 * torch.randn(p.shape, generator=g) for k, p in trainable_params(pipe.transformer).items()}
+    state = {
+        k: 0.2 * torch.randn(p.shape, generator=g) for k, p in trainable_params(pipe.transformer).items()
+    }
     save_file(state, str(ckpt / "policy.safetensors"))
     (ckpt / "driver_state.json").write_text(json.dumps({"step": 2}))
 
@@ -236,21 +248,23 @@ def test_export_loads_in_the_familys_pipeline_and_reproduces_the_policy(tiny, tm
 # ----------------------------------------------------------------------------------------- on Ray
 
 
-def _train(ray_cluster, tmp_path, path: str, algorithm: str) -> list[dict]:
+def _train(
+    ray_cluster, tmp_path, path: str, algorithm: str, steps: int = 2, resume: bool = False
+) -> list[dict]:
     from vgrpo.driver import train
 
     cfg = load_config(
         None,
         [
-            f"model.path={path}", f"algorithm.name={algorithm}", "train.steps=2", "rollout.prompts_per_step=2",
-            "rollout.group_size=2", "rollout.num_steps=4", "train.checkpoint_every=2", "train.samples_every=2",
-            "observability.progress=plain",
+            f"model.path={path}", f"algorithm.name={algorithm}", f"train.steps={steps}",
+            "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.num_steps=4",
+            "train.checkpoint_every=2", "train.samples_every=2", "observability.progress=plain",
         ],
     )  # fmt: skip
     run = tmp_path / "run"
-    assert train(cfg, run) == 2
+    assert train(cfg, run, resume=resume) == steps
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward_mean"]) for r in rows), rows
     assert (run / "samples" / "step_2" / "grid.png").is_file()
     return rows
@@ -258,7 +272,12 @@ def _train(ray_cluster, tmp_path, path: str, algorithm: str) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("family", "variant", "algorithm"),
-    [("flux", "dev", "vgrpo"), ("flux", "schnell", "dgpo"), ("qwen_image", None, "nft"), ("wan", None, "flow_grpo")],
+    [
+        ("flux", "dev", "vgrpo"),
+        ("flux", "schnell", "dgpo"),
+        ("qwen_image", None, "nft"),
+        ("wan", None, "flow_grpo"),
+    ],
 )
 def test_two_steps_on_ray(ray_cluster, tmp_path, tiny, family, variant, algorithm):
     rows = _train(ray_cluster, tmp_path, tiny(family, variant), algorithm)
@@ -271,6 +290,14 @@ def test_two_steps_on_ray(ray_cluster, tmp_path, tiny, family, variant, algorith
 
 
 OBJECTIVES = ["vgrpo", "dgpo", "flow_grpo", "flow_grpo_fast", "mixgrpo", "nft"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "qwen_image", "wan"])
+def test_a_family_run_resumes_from_its_checkpoint(ray_cluster, tmp_path, tiny, family):
+    _train(ray_cluster, tmp_path, tiny(family), "vgrpo", steps=2)
+    rows = _train(ray_cluster, tmp_path, tiny(family), "vgrpo", steps=4, resume=True)
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow

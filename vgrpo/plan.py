@@ -871,6 +871,8 @@ ADAM_BYTES = 12  # fp32 master weights + Adam's two moments per trainable parame
 OFFLOAD_GRAD_BYTES = 4  # ZeRO-Offload keeps fp32 gradients beside the host optimiser
 ACCELERATOR_MEMORY_GB = {"H200": 141.0, "H100": 80.0, "A100": 80.0, "B200": 180.0, "L40S": 48.0, "A10G": 24.0}
 PARTS = ("weights", "gradients", "optimizer", "activations", "overhead")
+
+
 def lora_params(cfg: RunConfig, arch: Arch) -> tuple[float, list[str]]:
     """LoRA parameters: rank x (d_in + d_out) for every linear a target module names (matched as peft
     does: the module's path equals the target or ends with "." + target), and notes on targets that match
