@@ -264,7 +264,7 @@ def test_nft_reduces_to_weighted_regression_at_beta_one(world, policy):
     loss_neg, diag = obj.loss(policy, batch, torch.Generator().manual_seed(0))
     assert diag["r_mean"] == pytest.approx(0.0)
     # old = current: the negative branch's x0-prediction equals the positive one, so the values match
-    assert float(loss_pos) == pytest.approx(float(loss_neg), rel=1e-5)
+    assert float(loss_pos.detach()) == pytest.approx(float(loss_neg.detach()), rel=1e-5)
     loss_pos.backward()
     g_pos = grads(policy.current).clone()
     policy.current.zero_grad()

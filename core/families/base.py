@@ -173,6 +173,27 @@ class Family:
         raise NotImplementedError
 
 
+class PackedFamily(Family):
+    """A family whose transformer takes 2×2-patch tokens of 4-channel-per-patch latents (FLUX.1,
+    Qwen-Image): latent channels = in_channels / 4, sizes multiples of 2 × the VAE factor, the native size
+    diffusers' ``default_sample_size × vae_scale_factor`` (or a tiny model's ``vgrpo.json``) and the
+    resolution-dependent shift of the packed token count."""
+
+    def native_size(self, pipe: Any) -> tuple[int, int, int]:
+        side = sidecar(pipe.name_or_path)
+        default = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+        return int(side.get("height", default)), int(side.get("width", default)), 1
+
+    def latent_shape(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, ...]:
+        scale = int(pipe.vae_scale_factor)
+        for key, v in (("rollout.height", height), ("rollout.width", width)):
+            check_divisible(key, v, 2 * scale, f"a multiple of {2 * scale} (VAE factor x 2x2 packing)")
+        return (int(pipe.transformer.config.in_channels) // 4, height // scale, width // scale)
+
+    def shift(self, pipe: Any, latent_shape: tuple[int, ...]) -> float:
+        return dynamic_shift(pipe.scheduler.config, (latent_shape[-2] // 2) * (latent_shape[-1] // 2))
+
+
 def pixels(x_bchw: torch.Tensor) -> np.ndarray:
     """VAE output in [-1, 1], ``(B, 3, H, W)`` -> uint8 ``(B, H, W, 3)``."""
     x = ((x_bchw.detach().float().clamp(-1, 1) + 1.0) * 127.5).round()

@@ -11,13 +11,10 @@ import numpy as np
 import torch
 
 from vgrpo.core.families.base import (
-    Family,
+    PackedFamily,
     TextCond,
-    check_divisible,
-    dynamic_shift,
     pack_2x2,
     pixels,
-    sidecar,
     unpack_2x2,
 )
 
@@ -31,7 +28,7 @@ def image_ids(h: int, w: int, device: torch.device) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device)
 
 
-class Flux(Family):
+class Flux(PackedFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
     transformer_class = "FluxTransformer2DModel"
@@ -57,20 +54,6 @@ class Flux(Family):
             max_sequence_length=max_sequence_length,
         )
         return TextCond(embeds_bld, pooled_bd)
-
-    def native_size(self, pipe: Any) -> tuple[int, int, int]:
-        side = sidecar(pipe.name_or_path)
-        default = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-        return int(side.get("height", default)), int(side.get("width", default)), 1
-
-    def latent_shape(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, ...]:
-        scale = int(pipe.vae_scale_factor)
-        for key, v in (("rollout.height", height), ("rollout.width", width)):
-            check_divisible(key, v, 2 * scale, f"a multiple of {2 * scale} (VAE factor x 2x2 packing)")
-        return (int(pipe.transformer.config.in_channels) // 4, height // scale, width // scale)
-
-    def shift(self, pipe: Any, latent_shape: tuple[int, ...]) -> float:
-        return dynamic_shift(pipe.scheduler.config, (latent_shape[-2] // 2) * (latent_shape[-1] // 2))
 
     def guidance_mode(self, transformer: Any) -> str:
         return "embedded" if transformer.config.guidance_embeds else "cfg"

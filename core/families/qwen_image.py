@@ -12,13 +12,10 @@ import numpy as np
 import torch
 
 from vgrpo.core.families.base import (
-    Family,
+    PackedFamily,
     TextCond,
-    check_divisible,
-    dynamic_shift,
     pack_2x2,
     pixels,
-    sidecar,
     unpack_2x2,
 )
 from vgrpo.core.flow import apply_cfg
@@ -32,7 +29,7 @@ def channel_stats(vae: Any, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.to(vae.device, vae.dtype), std.to(vae.device, vae.dtype)
 
 
-class QwenImage(Family):
+class QwenImage(PackedFamily):
     name = "qwen_image"
     pipeline_class = "QwenImagePipeline"
     transformer_class = "QwenImageTransformer2DModel"
@@ -56,20 +53,6 @@ class QwenImage(Family):
         )
         pooled = embeds_bld.new_zeros(embeds_bld.shape[0], 0)
         return TextCond(embeds_bld, pooled, None if mask_bl is None else mask_bl.bool())
-
-    def native_size(self, pipe: Any) -> tuple[int, int, int]:
-        side = sidecar(pipe.name_or_path)
-        default = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-        return int(side.get("height", default)), int(side.get("width", default)), 1
-
-    def latent_shape(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, ...]:
-        scale = int(pipe.vae_scale_factor)
-        for key, v in (("rollout.height", height), ("rollout.width", width)):
-            check_divisible(key, v, 2 * scale, f"a multiple of {2 * scale} (VAE factor x 2x2 packing)")
-        return (int(pipe.transformer.config.in_channels) // 4, height // scale, width // scale)
-
-    def shift(self, pipe: Any, latent_shape: tuple[int, ...]) -> float:
-        return dynamic_shift(pipe.scheduler.config, (latent_shape[-2] // 2) * (latent_shape[-1] // 2))
 
     def velocity(
         self,
