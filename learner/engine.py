@@ -203,8 +203,8 @@ class LearnerEngine:
         else:
             transformer.requires_grad_(True)
             if self.objective.uses_ref():
-                self.ref_module = copy.deepcopy(transformer).requires_grad_(False).to(self.device)
-            self.old_module = copy.deepcopy(transformer).requires_grad_(False).to(self.device)
+                self.ref_module = self._frozen_copy(transformer, bf16)
+            self.old_module = self._frozen_copy(transformer, bf16)
         if self.cfg.activation_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.to(self.device)
@@ -248,6 +248,13 @@ class LearnerEngine:
             "backend": backend,
             "zero_stage": self.cfg.zero_stage,
         }
+
+    def _frozen_copy(self, transformer: nn.Module, bf16: bool) -> nn.Module:
+        """A frozen whole copy (the old or reference policy of full fine-tuning) in the precision the
+        engine trains in: outside DeepSpeed it is not sharded, so a float32 copy of a 12B FLUX.1 would hold
+        48 GB on every rank where bf16 holds 24 GB (the planner counts bf16: vgrpo/plan.py)."""
+        frozen = copy.deepcopy(transformer).requires_grad_(False)
+        return frozen.to(self.device, torch.bfloat16 if bf16 else torch.float32)
 
     def _uncond_embeddings(self) -> TextCond:
         pipe = P.load_pipeline(

@@ -439,6 +439,11 @@ def train(
         # Ray reads RAY_AUTH_MODE once, when it is first imported: set it before that import (measured: set
         # after `import ray`, a token-auth head refuses the client with "RAY_AUTH_MODE is 'disabled'")
         enable_token_auth_if_available()
+    # Serve's router (in this process: the driver holds the reward handles) asks each replica for its
+    # queue length within 0.1 s by default and warns when it misses; a replica busy scoring a batch on a
+    # loaded machine misses it routinely (seen on 2 cores with a video family), a warning with nothing to
+    # act on. 1 s is Serve's own back-off ceiling; a user's setting wins. Read when Serve is imported.
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     import ray
 
     from vgrpo.core.policy import resolve_model_path

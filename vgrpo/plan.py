@@ -1475,7 +1475,7 @@ class Prediction:
     bottleneck: str
 
 
-def _units(work: Workload, n: int) -> int:
+def images_each(work: Workload, n: int) -> int:
     """Images one of n rollout workers / learner ranks handles per step (whole groups by default)."""
     if work.granularity == "image":
         return math.ceil(work.images / n)
@@ -1493,7 +1493,7 @@ def predict(costs: Costs, work: Workload, split: Split, cluster: Cluster) -> Pre
     """Seconds per step of one split under the driver's pipeline (module docstring)."""
     if split.rollout < 1 or split.learner < 1:
         raise PlanError("a split needs at least 1 rollout and 1 learner device")
-    t_roll = _units(work, split.rollout) * costs.rollout
+    t_roll = images_each(work, split.rollout) * costs.rollout
     if costs.reward_device == "cpu" and cluster.kind == "GPU":
         cpus = cluster.cpus if cluster.cpus is not None else 8 * cluster.devices
         reward_units = max(1, cpus - split.rollout - split.learner)  # one CPU per GPU actor
@@ -1504,7 +1504,7 @@ def predict(costs: Costs, work: Workload, split: Split, cluster: Cluster) -> Pre
             raise PlanError("this reward runs on the devices: a split needs at least 1 reward device")
         reward_units = split.reward
     t_rew = math.ceil(work.images / reward_units) * costs.reward
-    t_learn = _units(work, split.learner) * costs.learner + allreduce_s(costs, cluster, split.learner)
+    t_learn = images_each(work, split.learner) * costs.learner + allreduce_s(costs, cluster, split.learner)
     t_sync = costs.weight_sync
     cap = cluster.capacity
     if cap:  # time-shared devices: n busy actors run at most cap / n of full speed
@@ -1691,13 +1691,13 @@ def render(plan: Plan, title: str, sync_plan: Plan | None = None) -> list[str]:
     lines = [f"vgrpo plan: {title}", f"cluster: {k.describe()}", ""]
     lines.append(f"plan ({unit}):")
     per = {
-        "rollout": f"{_units(w, b.split.rollout) // w.group_size} prompt group(s) x G={w.group_size} each"
+        "rollout": f"{images_each(w, b.split.rollout) // w.group_size} prompt group(s) x G={w.group_size} each"
         if w.granularity == "prompt"
-        else f"{_units(w, b.split.rollout)} images each",
+        else f"{images_each(w, b.split.rollout)} images each",
         "reward": f"{math.ceil(w.images / max(1, b.split.reward))} images each",
-        "learner": f"{_units(w, b.split.learner) // w.group_size} group(s) each, one DeepSpeed ZeRO group"
+        "learner": f"{images_each(w, b.split.learner) // w.group_size} group(s) each, one DeepSpeed ZeRO group"
         if w.granularity == "prompt"
-        else f"{_units(w, b.split.learner)} images each",
+        else f"{images_each(w, b.split.learner)} images each",
     }
     if b.split.reward == 0 and k.kind == "CPU":
         per["reward"] = "shares the other roles' cores"
