@@ -161,6 +161,7 @@ class RewardDeployment:
             "actor_name": ray.get_runtime_context().get_actor_name(),
             "pid": os.getpid(),
             "max_batch_size": self.max_batch_size,
+            "video": bool(getattr(self.reward, "video", False)),
         }
 
     @_batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -180,9 +181,10 @@ class RewardDeployment:
         out: list[dict[str, Any] | None] = [None] * n
         arrays: list[np.ndarray] = []
         keep: list[int] = []
+        video = bool(getattr(self.reward, "video", False))  # a video reward takes clips (F, H, W, 3)
         for i, image in enumerate(images):
             try:
-                arrays.append(to_uint8_rgb(image))
+                arrays.append(to_uint8_clip(image) if video else to_uint8_rgb(image))
                 keep.append(i)
             except ImageFormatError as e:
                 out[i] = {"failure": f"reward {self.name!r}: image unreadable: {e}"}
@@ -282,6 +284,26 @@ async def _score_one(
         await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
 
 
+def to_uint8_clip(clip: Any) -> np.ndarray:
+    """A clip ``(F, H, W, C)`` (any image format `to_uint8_rgb` takes, per frame) -> uint8 ``(F, H, W, 3)``."""
+    arr = np.asarray(clip)
+    if arr.ndim != 4:
+        raise ImageFormatError(f"a video reward takes clips (F, H, W, C), got shape {tuple(arr.shape)}")
+    return np.stack([to_uint8_rgb(frame) for frame in arr])
+
+
+def _mean_outcome(frames: list[_Outcome]) -> _Outcome:
+    """A clip's outcome from its frames': the mean value, the first frame's details with ``frames``, the
+    first failure (named by its frame) if any."""
+    retries = sum(f.retries for f in frames)
+    for j, f in enumerate(frames):
+        if f.error:
+            return _Outcome(error=f"frame {j}: {f.error}", retries=retries, batch_size=f.batch_size)
+    value = float(np.mean([f.value for f in frames]))  # type: ignore[arg-type]
+    details = {**frames[0].details, "frames": len(frames)}
+    return _Outcome(value=value, details=details, batch_size=frames[0].batch_size, retries=retries)
+
+
 def _check(out: dict[str, Any], retries: int) -> _Outcome:
     value, error = out.get("value"), out.get("error")
     details, batch = out.get("details") or {}, int(out.get("batch_size", 0))
@@ -335,6 +357,7 @@ class RewardClient:
             raise ValueError("RewardClient needs at least one reward handle (see deploy_rewards)")
         self.handles = dict(handles)
         self.weights = {name: float(reward_cfg.weights.get(name, 1.0)) for name in self.handles}
+        self._video: set[str] | None = None  # rewards that score whole clips (asked when clips first come)
         self.timeout_s = reward_cfg.timeout_s
         self.retries = reward_cfg.retries
 
@@ -357,27 +380,34 @@ class RewardClient:
     ) -> RewardScores:
         """Every image scored by every reward (after `reward.retries`). An image that still fails raises
         RewardError, or with ``keep_failures`` is marked in ``failed`` (its values NaN) and its cause
-        listed in ``errors`` — for `reward.on_failure=drop_group`, whose caller drops its group."""
+        listed in ``errors`` — for `reward.on_failure=drop_group`, whose caller drops its group. Clips
+        ``(F, H, W, 3)`` (a video family's samples): a video reward scores each clip whole, an image
+        reward each frame, the clip getting the frames' mean (a frame that fails fails its clip)."""
         t0 = time.perf_counter()
         if len(images_bhwc) != len(prompts) or (metadata is not None and len(metadata) != len(prompts)):
             raise ValueError(
                 f"{len(images_bhwc)} images, {len(prompts)} prompts and "
                 f"{'no' if metadata is None else len(metadata)} metadata rows: pass one per image"
             )
-        if len(images_bhwc) and np.asarray(images_bhwc[0]).ndim == 4:
-            return await self._score_clips(images_bhwc, prompts, metadata, keep_failures)
-        images = []
-        for i, image in enumerate(images_bhwc):
-            try:
-                images.append(to_uint8_rgb(image))
-            except ImageFormatError as e:
-                raise ValueError(f"image {i} (prompt {prompts[i]!r}): {e}") from e
-        meta: list[dict[str, Any] | None] = list(metadata) if metadata is not None else [None] * len(images)
-        outcomes = await _score_items(self.handles, images, list(prompts), meta, self.timeout_s, self.retries)
+        meta: list[dict[str, Any] | None] = list(metadata) if metadata is not None else [None] * len(prompts)
+        clips = len(images_bhwc) > 0 and np.asarray(images_bhwc[0]).ndim == 4
+        if clips:
+            outcomes = await self._score_clips(images_bhwc, list(prompts), meta)
+        else:
+            images = []
+            for i, image in enumerate(images_bhwc):
+                try:
+                    images.append(to_uint8_rgb(image))
+                except ImageFormatError as e:
+                    raise ValueError(f"image {i} (prompt {prompts[i]!r}): {e}") from e
+            outcomes = await _score_items(
+                self.handles, images, list(prompts), meta, self.timeout_s, self.retries
+            )
         failures = [
             (name, i, o.error) for name, outs in outcomes.items() for i, o in enumerate(outs) if o.error
         ]
         failures.sort(key=lambda f: f[1])
+        what = "clip" if clips else "image"
         if failures and not keep_failures:
             name, i, cause = failures[0]
             raise RewardError(name, i, prompts[i], str(cause), [(n, j, str(c)) for n, j, c in failures])
@@ -386,15 +416,17 @@ class RewardClient:
             name: np.array([nan if o.error else o.value for o in outs], dtype=np.float64)
             for name, outs in outcomes.items()
         }
-        total = np.zeros(len(images), dtype=np.float64)
+        total = np.zeros(len(prompts), dtype=np.float64)
         for name, v in values.items():
             total += self.weights[name] * v
-        failed = np.zeros(len(images), dtype=bool)
+        failed = np.zeros(len(prompts), dtype=bool)
         for _, i, _ in failures:
             failed[i] = True
         return RewardScores(
             failed=failed if keep_failures else None,
-            errors=[f"reward {n!r} failed on image {i} (prompt {prompts[i]!r}): {c}" for n, i, c in failures],
+            errors=[
+                f"reward {n!r} failed on {what} {i} (prompt {prompts[i]!r}): {c}" for n, i, c in failures
+            ],
             values=values,
             total=total,
             details={name: [o.details for o in outs] for name, outs in outcomes.items()},
@@ -403,38 +435,36 @@ class RewardClient:
             retries=sum(o.retries for outs in outcomes.values() for o in outs),
         )
 
+    async def _video_rewards(self) -> set[str]:
+        """The served rewards that score whole clips (each deployment says, once)."""
+        if self._video is None:
+            infos = await asyncio.gather(*(h.describe.remote() for h in self.handles.values()))
+            self._video = {name for name, info in zip(self.handles, infos, strict=True) if info.get("video")}
+        return self._video
+
     async def _score_clips(
-        self,
-        clips: np.ndarray | Sequence[Any],
-        prompts: Sequence[str],
-        metadata: Sequence[dict[str, Any]] | None,
-        keep_failures: bool,
-    ) -> RewardScores:
-        """Clips ``(F, H, W, 3)`` (a video family's samples): every frame scored by every (image) reward,
-        each clip's values the mean of its frames'; a frame that fails fails its clip."""
+        self, clips: np.ndarray | Sequence[Any], prompts: list[str], meta: list[dict[str, Any] | None]
+    ) -> dict[str, list[_Outcome]]:
+        """Per-reward outcomes of clips: video rewards get the clips, image rewards every frame (then the
+        mean of the clip's frames, or the first frame's failure)."""
+        video = await self._video_rewards()
         frames, owner = flatten_clips(clips)
-        meta = None if metadata is None else [metadata[k] for k in owner]
-        per_frame = await self.score_async(frames, [prompts[k] for k in owner], meta, keep_failures)
-        owner_f = np.asarray(owner)
-        n = len(clips)
-        first = [owner.index(k) for k in range(n)]
-        mean = lambda v: np.array([v[owner_f == k].mean() for k in range(n)])  # noqa: E731
-        failed = None
-        if per_frame.failed is not None:
-            failed = np.array([bool(per_frame.failed[owner_f == k].any()) for k in range(n)])
-        return RewardScores(
-            values={name: mean(v) for name, v in per_frame.values.items()},
-            total=mean(per_frame.total),
-            details={
-                name: [{**d[i], "frames": len(clips[k])} for k, i in enumerate(first)]
-                for name, d in per_frame.details.items()
-            },
-            batch_sizes={name: [b[i] for i in first] for name, b in per_frame.batch_sizes.items()},
-            seconds=per_frame.seconds,
-            retries=per_frame.retries,
-            failed=failed,
-            errors=per_frame.errors,
+        frame_handles = {n: h for n, h in self.handles.items() if n not in video}
+        clip_handles = {n: h for n, h in self.handles.items() if n in video}
+        by_frame = await _score_items(
+            frame_handles, [to_uint8_rgb(f) for f in frames], [prompts[k] for k in owner],
+            [meta[k] for k in owner], self.timeout_s, self.retries,
+        )  # fmt: skip
+        whole = await _score_items(
+            clip_handles, [to_uint8_clip(c) for c in clips], prompts, meta, self.timeout_s, self.retries
         )
+        out = dict(whole)
+        for name, outs in by_frame.items():
+            per_clip: list[list[_Outcome]] = [[] for _ in clips]
+            for o, k in zip(outs, owner, strict=True):
+                per_clip[k].append(o)
+            out[name] = [_mean_outcome(fs) for fs in per_clip]
+        return {name: out[name] for name in self.handles}
 
 
 class ServedReward(Reward):

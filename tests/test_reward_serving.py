@@ -54,8 +54,21 @@ class TroubleReward(Reward):
         return [ScoredItem(float("nan") if "nan" in p else 1.0) for p in prompts]
 
 
+class MotionReward(Reward):
+    """A video reward: the mean absolute change between consecutive frames of a clip, in [0, 1]."""
+
+    name = "test-motion"
+    video = True
+
+    def score(self, images, prompts, metadata=None):
+        return [
+            ScoredItem(float(np.abs(np.diff(c.astype(np.float64), axis=0)).mean()) / 255.0) for c in images
+        ]
+
+
 register_reward("test-brightness", lambda opts: BrightnessReward(), replace=True)
 register_reward("test-trouble", lambda opts: TroubleReward(), replace=True)
+register_reward("test-motion", lambda opts: MotionReward(), replace=True)
 
 WEIGHTS = {"shapes": 1.0, "test-brightness": 0.5, "test-trouble": 0.0}
 
@@ -150,6 +163,27 @@ def test_values_match_in_process_batches_fill_and_weights_combine(served: Any) -
     # 16 concurrent single-image requests share batches of at most max_batch_size
     assert 1 < max(scores.batch_sizes["shapes"]) <= 8, scores.batch_sizes
     assert "clauses" in scores.details["shapes"][0] and scores.retries == 0
+
+
+def test_clips_go_whole_to_a_video_reward_and_frame_by_frame_to_an_image_reward(served: Any) -> None:
+    """A video family's samples (F, H, W, 3): the image reward's value is the mean of its per-frame
+    values, the video reward sees the whole clip (frame-to-frame motion is not a per-frame quantity)."""
+    rs, _, handles, _ = served
+    video_cfg = RewardConfig(
+        weights={"test-brightness": 0.5, "test-motion": 2.0},
+        servers={"test-motion": RewardServerConfig(max_batch_size=4, cpus=0.1)},
+        timeout_s=30,
+    )
+    motion = rs.deploy_rewards(video_cfg, names=["test-motion"], quiet=True)  # beside the module's apps
+    client = rs.RewardClient({"test-brightness": handles["test-brightness"], **motion}, video_cfg)
+    clips = np.random.default_rng(0).integers(0, 256, size=(3, 5, 16, 16, 3), dtype=np.uint8)
+    scores = client.score(clips, ["a clip", "another", "a third"])
+    bright = clips.reshape(3, 5, -1).mean(axis=2).mean(axis=1) / 255.0  # each frame, then over frames
+    moves = np.abs(np.diff(clips.astype(np.float64), axis=1)).mean(axis=(1, 2, 3, 4)) / 255.0
+    np.testing.assert_allclose(scores.values["test-brightness"], bright)
+    np.testing.assert_allclose(scores.values["test-motion"], moves)
+    np.testing.assert_allclose(scores.total, 0.5 * bright + 2.0 * moves)
+    assert scores.details["test-brightness"][0]["frames"] == 5
 
 
 def test_a_served_reward_scores_held_out_images_as_the_in_process_one(served: Any) -> None:
