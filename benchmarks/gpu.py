@@ -1,4 +1,5 @@
-"""In-process GPU figures for SD3.5-Medium (issue 10, item 7), with no Ray and no DeepSpeed.
+"""In-process GPU figures for SD3.5-Medium (issue 10, item 7), FLUX.1-dev and Wan2.1-T2V-1.3B (``--family``),
+with no Ray and no DeepSpeed.
 
 The Ray actors are thin shells around plain-torch engines, so their hot paths are timed here directly:
 
@@ -23,6 +24,30 @@ are added analytically (4·T²·D per attention). MFU = achieved FLOP/s / ``--pe
     python benchmarks/gpu.py                     # one GPU: table, benchmarks/results/gpu.json, docs/benchmarks.md
     python benchmarks/gpu.py --cpu-smoke         # the same code path on CPU, tiny config, < 60 s
     python benchmarks/gpu.py --from-json PATH    # print and render a saved run into docs/benchmarks.md
+
+``--family flux`` / ``--family wan`` run the same rows through the family objects of ``core/families``
+(``Family.velocity`` on unpacked latents, ``Family.decode``) on a ``FluxTransformer2DModel`` /
+``WanTransformer3DModel`` built from FLUX.1-dev's / Wan2.1-T2V-1.3B's published configs
+(``vgrpo/model_configs.py``), random weights, as their recipes run them (configs/flux1dev_vgrpo_geneval.yaml,
+configs/wan21_t2v_1_3b_vgrpo.yaml):
+
+- flux: 512² (1024 packed tokens), 512 T5 tokens + a pooled CLIP-L vector; rollout: 16 images, 20
+  DPM-Solver++ steps at guidance 3.5 through the guidance embedding (one forward a step), VAE decode;
+  learner: one V-GRPO micro step of one group (16 images, N_MC 4, the guided velocity as the recipe's
+  learner scores it), LoRA r32 on the family's default targets, activation checkpointing.
+- wan: 480x832, ``--frames`` frames (33: 9 latent frames, 14,040 tokens), 512 UMT5 tokens; rollout: 4
+  clips, 20 steps at CFG 5 (two forwards a step, ``[uncond; cond]`` batched), the causal video VAE's
+  decode; learner: one micro step of one group (8 clips, N_MC 4, the unguided velocity as the recipe
+  trains it), LoRA r32, activation checkpointing.
+
+Their learner FLOPs are counted on one sample with checkpointing on (without it one FLUX image or one Wan
+clip at N_MC 4 may not fit a GPU) and the recompute (N_MC transformer forwards) taken off; a row that runs
+out of memory is retried at half the batch. ``images_per_s`` is samples per second (clips for Wan, which
+also reports ``clips_per_s`` and ``frames_per_s``); every row carries its ``family``.
+
+    python benchmarks/gpu.py --family flux --json OUT.json --no-docs --budget-s 240
+    python benchmarks/gpu.py --family wan --frames 33 --json OUT.json --no-docs --budget-s 240
+    python benchmarks/gpu.py --family wan --cpu-smoke --no-docs --json /tmp/wan.json   # tiny, on CPU
 """
 
 from __future__ import annotations
@@ -51,7 +76,8 @@ from vgrpo.core.adapters import (
     load_weights,
     trainable_params,
 )
-from vgrpo.core.families import TextCond
+from vgrpo.core.families import FAMILIES, Family, TextCond
+from vgrpo.core.families.base import dynamic_shift
 from vgrpo.core.flow import ode_sample, sd3_sigmas
 from vgrpo.learner.engine import LearnerPolicy
 from vgrpo.learner.objectives.base import TrainBatch
@@ -62,7 +88,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- benchmarks/gpu.py:begin -->", "<!-- benchmarks/gpu.py:end -->"
 
-from vgrpo.model_configs import SD35_VAE, SD35M_TRANSFORMER  # noqa: E402
+from vgrpo.model_configs import (  # noqa: E402
+    FLUX1_DEV_SCHEDULER,
+    FLUX1_DEV_TRANSFORMER,
+    FLUX1_VAE,
+    SD35_VAE,
+    SD35M_TRANSFORMER,
+    WAN21_480P_FLOW_SHIFT,
+    WAN21_T2V_1_3B_TRANSFORMER,
+    WAN21_VAE,
+)
 
 # --cpu-smoke: the same module classes, tiny
 TINY_TRANSFORMER = dict(
@@ -118,6 +153,164 @@ CPU_PRESET: dict[str, Any] = dict(
     warmup=False,
 )
 
+# --family flux: FLUX.1-dev at 512² as configs/flux1dev_vgrpo_geneval.yaml runs it
+FLUX_GPU_PRESET: dict[str, Any] = dict(
+    family="flux",
+    transformer=FLUX1_DEV_TRANSFORMER,
+    vae=FLUX1_VAE,
+    image=512,
+    text_len=512,  # T5-XXL tokens (FLUX attends to the padding: the recipe keeps 512); + pooled CLIP-L
+    shift=round(dynamic_shift(FLUX1_DEV_SCHEDULER, (512 // 16) ** 2), 4),  # 1024 packed tokens
+    lora=dict(rank=32, alpha=64.0),  # target_modules None: core.families.flux.Flux.lora_targets
+    n_mc=4,
+    rollout_batches=(16,),
+    rollout_steps=(20,),
+    rollout_guidance=3.5,  # the guidance embedding: one forward a step
+    cfg_row=None,
+    learner_guidance=3.5,  # the learner scores the guided velocity its rollout sampled (embedded)
+    learner_plain=(),  # without checkpointing one group holds ~960 GB of activations
+    learner_ckpt=(16,),  # one prompt group of G = 16 images
+    off_policy_row=None,
+    train_grid_steps=20,
+    count_with_ckpt=True,
+    halve_on_oom=True,
+    repeats=1,
+    full_weight_repeats=1,
+    warmup=True,
+)
+TINY_FLUX_TRANSFORMER = dict(
+    FLUX1_DEV_TRANSFORMER,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    axes_dims_rope=(4, 6, 6),  # sums to the head dim, as (16, 56, 56) does to 128
+)
+TINY_FLUX_VAE = dict(
+    TINY_VAE, scaling_factor=FLUX1_VAE["scaling_factor"], shift_factor=FLUX1_VAE["shift_factor"]
+)
+FLUX_CPU_PRESET: dict[str, Any] = dict(
+    FLUX_GPU_PRESET,
+    transformer=TINY_FLUX_TRANSFORMER,
+    vae=TINY_FLUX_VAE,
+    image=64,
+    text_len=8,
+    shift=round(dynamic_shift(FLUX1_DEV_SCHEDULER, (64 // 16) ** 2), 4),
+    lora=dict(rank=4, alpha=8.0),
+    n_mc=2,
+    rollout_batches=(2,),
+    rollout_steps=(2,),
+    learner_ckpt=(2,),
+    train_grid_steps=2,
+    warmup=False,
+)
+
+# --family wan: Wan2.1-T2V-1.3B at 480x832 as configs/wan21_t2v_1_3b_vgrpo.yaml runs it
+WAN_GPU_PRESET: dict[str, Any] = dict(
+    family="wan",
+    transformer=WAN21_T2V_1_3B_TRANSFORMER,
+    vae=WAN21_VAE,
+    height=480,
+    width=832,
+    frames=33,  # --frames; 4k + 1 (the VAE's temporal factor 4)
+    text_len=512,  # UMT5 tokens (no pooled vector)
+    shift=WAN21_480P_FLOW_SHIFT,
+    lora=dict(rank=32, alpha=64.0),  # target_modules None: to_q/k/v, to_out.0 of both attentions
+    n_mc=4,
+    rollout_batches=(4,),  # rollout.batch_size: clips per sampler forward
+    rollout_steps=(20,),
+    rollout_guidance=5.0,  # CFG: [uncond; cond] in one forward of 2B
+    cfg_row=None,
+    learner_guidance=1.0,  # the recipe trains the unguided velocity
+    learner_plain=(),
+    learner_ckpt=(8,),  # one prompt group of G = 8 clips
+    off_policy_row=None,
+    train_grid_steps=20,
+    count_with_ckpt=True,
+    halve_on_oom=True,
+    repeats=1,
+    full_weight_repeats=1,
+    warmup=True,
+)
+TINY_WAN_TRANSFORMER = dict(
+    WAN21_T2V_1_3B_TRANSFORMER,
+    num_attention_heads=2,
+    attention_head_dim=12,  # RoPE splits it 4 (time) + 4 (rows) + 4 (columns)
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=32,
+    num_layers=2,
+)
+TINY_WAN_VAE = dict(WAN21_VAE, base_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+WAN_CPU_PRESET: dict[str, Any] = dict(
+    WAN_GPU_PRESET,
+    transformer=TINY_WAN_TRANSFORMER,
+    vae=TINY_WAN_VAE,
+    height=32,
+    width=48,  # not square: height and width are not swapped anywhere
+    frames=5,  # 2 latent frames
+    text_len=8,
+    lora=dict(rank=4, alpha=8.0),
+    n_mc=2,
+    rollout_batches=(2,),
+    rollout_steps=(2,),
+    learner_ckpt=(2,),
+    train_grid_steps=2,
+    warmup=False,
+)
+
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # family: (GPU, --cpu-smoke)
+    "sd3": (GPU_PRESET, CPU_PRESET),
+    "flux": (FLUX_GPU_PRESET, FLUX_CPU_PRESET),
+    "wan": (WAN_GPU_PRESET, WAN_CPU_PRESET),
+}
+MODEL_NAMES = {  # (GPU, --cpu-smoke) for the report
+    "sd3": ("SD3.5-Medium-shaped SD3Transformer2DModel, random weights", "tiny SD3 (2 layers)"),
+    "flux": (
+        "FLUX.1-dev-shaped FluxTransformer2DModel (19 double + 38 single blocks), random weights",
+        "tiny FLUX.1 (1 double + 2 single blocks)",
+    ),
+    "wan": (
+        "Wan2.1-T2V-1.3B-shaped WanTransformer3DModel (30 blocks), random weights",
+        "tiny Wan2.1 (2 blocks)",
+    ),
+}
+VAE_CLASSES = {"sd3": "AutoencoderKL", "flux": "AutoencoderKL", "wan": "AutoencoderKLWan"}
+
+
+def family_of_preset(preset: dict) -> Family:
+    return FAMILIES[str(preset.get("family", "sd3"))]
+
+
+def geometry(preset: dict) -> tuple[int, int, int]:
+    """(height, width, frames) in pixels / frames of one sample (frames 1 for an image)."""
+    h = int(preset.get("height", preset.get("image", 0)))
+    w = int(preset.get("width", preset.get("image", 0)))
+    return h, w, int(preset.get("frames", 1))
+
+
+def latent_shape(preset: dict) -> tuple[int, ...]:
+    """One sample's *unpacked* latent shape as its family's ``latent_shape`` gives it (VAE factor 8; Wan
+    4x in time): SD3 ``(C, h, w)``, FLUX ``(C/4, h, w)`` (packed 2x2 inside ``velocity``), Wan
+    ``(C, (F - 1)/4 + 1, h, w)``."""
+    cfg, name = preset["transformer"], str(preset.get("family", "sd3"))
+    h, w, f = geometry(preset)
+    c = int(cfg["in_channels"])
+    if name == "flux":
+        return (c // 4, h // 8, w // 8)
+    if name == "wan":
+        return (c, (f - 1) // 4 + 1, h // 8, w // 8)
+    return (c, h // 8, w // 8)
+
+
+def image_tokens(preset: dict) -> int:
+    """Transformer tokens of one sample's latents (2x2 spatial patches; every latent frame for Wan)."""
+    shape = latent_shape(preset)
+    frames = shape[1] if len(shape) == 4 else 1
+    return frames * (shape[-2] // 2) * (shape[-1] // 2)
+
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -144,55 +337,69 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def build_transformer(config: dict, device: torch.device, seed: int = 0) -> Any:
-    """SD3Transformer2DModel from a config with random weights (initialised on ``device``), in bf16."""
-    from diffusers import SD3Transformer2DModel
+def build_transformer(config: dict, device: torch.device, seed: int = 0, family: str = "sd3") -> Any:
+    """The family's transformer (SD3Transformer2DModel, FluxTransformer2DModel, WanTransformer3DModel) from
+    a config with random weights (initialised on ``device``), in bf16."""
+    import diffusers
 
+    cls = getattr(diffusers, FAMILIES[family].transformer_class)
     torch.manual_seed(seed)
     with torch.device(device):
-        model: Any = SD3Transformer2DModel(**config)
+        model: Any = cls(**config)
     return model.to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)  # buffers too
 
 
-def build_vae(config: dict, device: torch.device, seed: int = 0) -> Any:
-    from diffusers import AutoencoderKL
+def build_vae(config: dict, device: torch.device, seed: int = 0, family: str = "sd3") -> Any:
+    import diffusers
 
+    cls = getattr(diffusers, VAE_CLASSES[family])
     torch.manual_seed(seed)
     with torch.device(device):
-        vae: Any = AutoencoderKL(**config)
+        vae: Any = cls(**config)
     return vae.to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
 
 
 def random_cond(b: int, text_len: int, config: dict, device: torch.device, seed: int = 0) -> TextCond:
-    """A conditioning of the shapes ``encode_prompts`` returns: joint tokens (B, L, D), pooled (B, P)."""
+    """A conditioning of the shapes the family's ``encode`` returns: tokens (B, L, D) (SD3 / FLUX
+    ``joint_attention_dim``, Wan ``text_dim``), pooled (B, P) (P = 0 for Wan, which has none)."""
     g = torch.Generator().manual_seed(seed)
-    embeds = torch.randn(b, text_len, int(config["joint_attention_dim"]), generator=g)
-    pooled = torch.randn(b, int(config["pooled_projection_dim"]), generator=g)
+    dim = int(config["joint_attention_dim"] if "joint_attention_dim" in config else config["text_dim"])
+    embeds = torch.randn(b, text_len, dim, generator=g)
+    pooled = torch.randn(b, int(config.get("pooled_projection_dim", 0)), generator=g)
     return TextCond(embeds.to(device, torch.bfloat16), pooled.to(device, torch.bfloat16))
 
 
 def rollout_batch(
     transformer: Any,
     vae: Any,
-    cond: tuple[torch.Tensor, torch.Tensor],
+    cond: TextCond,
     seeds: list[int],
     sigmas: torch.Tensor,
-    image: int,
+    image: int | tuple[int, ...],
     guidance: float = 1.0,
-    uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
+    uncond: TextCond | None = None,
+    family: Family | None = None,
 ) -> tuple[torch.Tensor, Any, float, float]:
-    """One batch as ``RolloutEngine.sample`` runs it (``image`` pixels a side, VAE factor 8); returns
-    latents (host, fp32), uint8 images, sampling seconds, decode seconds."""
+    """One batch as ``RolloutEngine.sample`` runs it; ``image``: pixels a side (SD3, VAE factor 8) or one
+    sample's unpacked latent shape. Returns latents (host, fp32), uint8 images (clips for video), sampling
+    seconds, decode seconds."""
     device = transformer.device
-    shape_chw = (int(transformer.config.in_channels), image // 8, image // 8)
-    v_fn = lambda x, s: P.guided_velocity(transformer, x, s, cond, guidance, uncond)  # noqa: E731
+    family = family or FAMILIES["sd3"]
+    if isinstance(image, int):
+        shape: tuple[int, ...] = (int(transformer.config.in_channels), image // 8, image // 8)
+    else:
+        shape = tuple(image)
+
+    def v_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return P.guided_velocity(transformer, x, s, cond, guidance, uncond, family=family)
 
     sync(device)
     t0 = time.perf_counter()
-    x1 = P.initial_noise(list(seeds), shape_chw).to(device)
+    x1 = P.initial_noise(list(seeds), shape).to(device)
     latents = ode_sample(v_fn, x1, sigmas, solver="dpm2").float().cpu()
     t1 = time.perf_counter()
-    images = P.decode_latents(vae, latents)
+    images = family.decode(vae, latents)
+    sync(device)
     t2 = time.perf_counter()
     return latents, images, t1 - t0, t2 - t1
 
@@ -218,7 +425,8 @@ class Learner:
 
     def __init__(self, preset: dict, device: torch.device, seed: int = 0):
         self.preset, self.device = preset, device
-        self.module = build_transformer(preset["transformer"], device, seed)
+        self.family = family_of_preset(preset)
+        self.module = build_transformer(preset["transformer"], device, seed, self.family.name)
         add_lora(self.module, LoraConfig(**preset["lora"]), adapters=(TRAIN_ADAPTER, OLD_ADAPTER), seed=seed)
         self.params = list(adapter_params(self.module, TRAIN_ADAPTER).values())
         for p in self.params:
@@ -230,21 +438,22 @@ class Learner:
 
     def batch(self, b: int, seed: int = 0) -> TrainBatch:
         cfg = self.preset["transformer"]
-        side = int(self.preset["image"]) // 8
         g = torch.Generator().manual_seed(seed)
         where = torch.device("cpu") if self.host_batch else self.device
         text = random_cond(b, int(self.preset["text_len"]), cfg, self.device, seed)
+        grid = int(self.preset.get("train_grid_steps", 10))
         return TrainBatch(  # the layout LearnerEngine._to_batch builds (one prompt group per micro step)
-            latents_bchw=torch.randn(b, int(cfg["in_channels"]), side, side, generator=g).to(where),
+            latents_bchw=torch.randn(b, *latent_shape(self.preset), generator=g).to(where),
             cond=text,
             group_ids_b=torch.zeros(b, dtype=torch.long).to(where),
             advantages_b=torch.randn(b, generator=g).to(where),
-            sigmas=sd3_sigmas(10, shift=float(self.preset["shift"])),
+            sigmas=sd3_sigmas(grid, shift=float(self.preset["shift"])),
             shift=float(self.preset["shift"]),
         )
 
     def _policy(self, off_policy: bool) -> Any:
-        policy = LearnerPolicy(self.module)
+        guidance = float(self.preset.get("learner_guidance", 1.0))
+        policy = LearnerPolicy(self.module, guidance_scale=guidance, family=self.family)
         policy._old_is_current = not off_policy
         return HostBridgePolicy(policy, self.device) if self.host_batch else policy
 
@@ -284,9 +493,16 @@ class Learner:
 # ------------------------------------------------------------------------------------------- FLOPs
 
 
-def attention_flops(config: dict, t_img: int, t_txt: int) -> int:
-    """Analytic forward attention FLOPs of one image: QK^T and PV, 2·T²·D each, per attention."""
+def attention_flops(config: dict, t_img: int, t_txt: int, family: str = "sd3") -> int:
+    """Analytic forward attention FLOPs of one sample: QK^T and PV, 2·Tq·Tk·D each, per attention. SD3:
+    joint attention per block + the dual blocks' image self-attention; FLUX: joint attention in every
+    double- and single-stream block; Wan: video self-attention + cross-attention to the text per block."""
     d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    if family == "flux":
+        blocks = int(config["num_layers"]) + int(config["num_single_layers"])
+        return blocks * 4 * (t_img + t_txt) ** 2 * d
+    if family == "wan":
+        return int(config["num_layers"]) * 4 * (t_img**2 + t_img * t_txt) * d
     joint = int(config["num_layers"]) * 4 * (t_img + t_txt) ** 2 * d
     dual = len(config["dual_attention_layers"]) * 4 * t_img**2 * d
     return joint + dual
@@ -333,21 +549,27 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 
 def render_markdown(data: dict) -> str:
-    """The docs section of a run: where it ran, FLOPs per image, then one table per figure."""
+    """The docs section of a run: where it ran, FLOPs per image (clip), then one table per figure."""
     m, f = data["meta"], data.get("flops", {})
+    unit = m.get("sample_unit", "image")
+    if unit == "clip":
+        size = f"{m.get('frames')}-frame {m.get('height')}x{m.get('width')} clips"
+    else:
+        size = f"{m.get('image')}² images"
+    guidance_col = "guidance (embedded)" if m.get("guidance_mode") == "embedded" else "CFG"
     lines = [
         f"Measured {m.get('date', '?')} on **{m.get('device_name', '?')}** ({m.get('mode')}), torch "
         f"{m.get('torch')}, diffusers {m.get('diffusers')}, peft {m.get('peft')}; "
-        f"{m.get('model')}, {m.get('image')}² images, {m.get('text_len')} text tokens, LoRA r{m['lora']['rank']}/"
+        f"{m.get('model')}, {size}, {m.get('text_len')} text tokens, LoRA r{m['lora']['rank']}/"
         f"α{m['lora']['alpha']:g}, V-GRPO N_MC {m.get('n_mc')}. MFU against {m.get('peak_tflops'):g} TFLOP/s "
         "dense bf16.",
         "",
-        f"FLOPs per image ({f.get('method', '?')}): transformer forward "
+        f"FLOPs per {unit} ({f.get('method', '?')}): transformer forward "
         f"{_fmt(f.get('transformer_forward_gflop'), '.4g')} GFLOP, VAE decode {_fmt(f.get('vae_decode_gflop'), '.4g')}"
         f" GFLOP, learner step (loss + backward, N_MC {m.get('n_mc')}) {_fmt(f.get('learner_step_gflop'), '.4g')}"
         " GFLOP.",
         "",
-        "| rollout batch | steps | CFG | images/s | s/batch | decode s | peak GiB | MFU |",
+        f"| rollout batch | steps | {guidance_col} | {unit}s/s | s/batch | decode s | peak GiB | MFU |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in data.get("rollout", []):
@@ -360,7 +582,7 @@ def render_markdown(data: dict) -> str:
         )
     lines += [
         "",
-        "| learner micro batch | activation ckpt | old-adapter forwards | images/s | s/step | peak GiB | MFU |",
+        f"| learner micro batch | activation ckpt | old-adapter forwards | {unit}s/s | s/step | peak GiB | MFU |",
         "| ---: | :---: | :---: | ---: | ---: | ---: | ---: |",
     ]
     for r in data.get("learner", []):
@@ -386,23 +608,50 @@ def render_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(text: str, section: str) -> str:
+def markers(family: str = "sd3") -> tuple[str, str]:
+    """The docs markers of a family's section: SD3.5-M's are the GPU section's; each other family its own."""
+    if family == "sd3":
+        return BEGIN, END
+    return f"<!-- benchmarks/gpu.py:{family}:begin -->", f"<!-- benchmarks/gpu.py:{family}:end -->"
+
+
+def update_docs(text: str, section: str, family: str = "sd3") -> str:
     """Replace what lies between the markers (kept), or append a GPU section holding them."""
-    block = f"{BEGIN}\n{section}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1]
-    return text.rstrip("\n") + "\n\n## GPU\n\n" + block + "\n"
+    begin, end = markers(family)
+    block = f"{begin}\n{section}{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    heading = "GPU" if family == "sd3" else f"GPU: {family} (benchmarks/gpu.py --family {family})"
+    return text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
 
 
 def write_docs(path: Path, data: dict) -> None:
     old = path.read_text() if path.is_file() else "# Benchmarks\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(update_docs(old, render_markdown(data)))
+    family = str(data["meta"].get("family", "sd3"))
+    path.write_text(update_docs(old, render_markdown(data), family))
     print(f"updated {path}")
 
 
 # ------------------------------------------------------------------------------------------- run
+
+
+def preset_for(args: argparse.Namespace) -> dict:
+    """The rows and shapes of ``--family`` (GPU or ``--cpu-smoke``), ``--frames`` applied (Wan)."""
+    family = str(getattr(args, "family", "sd3") or "sd3")
+    gpu, cpu = PRESETS[family]
+    preset = dict(cpu if args.cpu_smoke else gpu)
+    frames = getattr(args, "frames", None)
+    if frames is not None:
+        if family != "wan":
+            raise SystemExit(f"--frames is for --family wan (a video family), not {family}")
+        if frames < 1 or (frames - 1) % 4:
+            raise SystemExit(
+                f"--frames {frames}: Wan's VAE takes 4k + 1 frames (its temporal factor 4), e.g. 5, 33, 81"
+            )
+        preset["frames"] = int(frames)
+    return preset
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -410,13 +659,20 @@ def run(args: argparse.Namespace) -> dict:
     import peft
 
     smoke = bool(args.cpu_smoke)
-    preset = CPU_PRESET if smoke else GPU_PRESET
+    preset = preset_for(args)
+    family = family_of_preset(preset)
+    fam = family.name
     device = torch.device("cpu") if smoke else torch.device("cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or --cpu-smoke here")
     t_start = time.perf_counter()
     over = lambda: time.perf_counter() - t_start > args.budget_s  # noqa: E731
-    cfg, image = preset["transformer"], int(preset["image"])
+    cfg, image = preset["transformer"], int(preset.get("image", 0))
+    height, width, frames = geometry(preset)
+    shape = latent_shape(preset)  # one sample's unpacked latents
+    video = len(shape) == 4
+    unit = "clip" if video else "image"
+    n_mc = int(preset["n_mc"])
     meta = {
         "mode": "cpu-smoke (tiny config)" if smoke else "gpu",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -427,70 +683,98 @@ def run(args: argparse.Namespace) -> dict:
         "diffusers": diffusers.__version__,
         "peft": peft.__version__,
         "python": platform.python_version(),
-        "model": "tiny SD3 (2 layers)"
-        if smoke
-        else "SD3.5-Medium-shaped SD3Transformer2DModel, random weights",
+        "model": MODEL_NAMES[fam][1 if smoke else 0],
         "transformer_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-        "image": image,
+        "image": image if not video else None,
         "text_len": int(preset["text_len"]),
         "lora": preset["lora"],
-        "n_mc": int(preset["n_mc"]),
-        "sampler": "dpm2 (DPM-Solver++(2M) ODE), shift 3.0",
+        "n_mc": n_mc,
+        "sampler": f"dpm2 (DPM-Solver++(2M) ODE), shift {preset['shift']}",
         "precision": "rollout: bf16 weights and LoRA; learner: bf16 base, fp32 LoRA, bf16 autocast",
         "peak_tflops": args.peak_tflops,
         "notes": [],
+        # added with --family (the SD3 keys above are unchanged)
+        "family": fam,
+        "height": height,
+        "width": width,
+        "frames": frames,
+        "latent_shape": list(shape),
+        "sample_unit": unit,
     }
     report = Report(args.json, meta)
     peak = args.peak_tflops * 1e12
-    t_img, t_txt = (image // 16) ** 2, int(preset["text_len"])
+    t_img, t_txt = image_tokens(preset), int(preset["text_len"])
 
     # -------- rollout side: transformer (then full-weight extract/apply, then LoRA), VAE
-    print(f"building transformer on {device} ...", flush=True)
-    rollout_tf = build_transformer(cfg, device, seed=0)
-    vae = build_vae(preset["vae"], device, seed=1)
+    print(f"building {fam} transformer on {device} ...", flush=True)
+    rollout_tf = build_transformer(cfg, device, seed=0, family=fam)
+    vae = build_vae(preset["vae"], device, seed=1, family=fam)
+    mode = family.guidance_mode(rollout_tf)
+    meta["guidance_mode"] = mode
     report.data["params"]["transformer"] = sum(p.numel() for p in rollout_tf.parameters())
+    if fam != "sd3":
+        report.data["params"]["vae"] = sum(p.numel() for p in vae.parameters())
 
     full_rows = weight_roundtrip(rollout_tf, rollout_tf, device, int(preset["full_weight_repeats"]), "full")
-    report.add("weights", full_rows)
+    report.add("weights", tagged(full_rows, fam))
     add_lora(rollout_tf, LoraConfig(**preset["lora"]), seed=0)
     rollout_tf.requires_grad_(False)
 
-    # FLOPs of one image: a transformer forward and a VAE decode
+    # FLOPs of one sample: a transformer forward and a VAE decode
     cond1 = random_cond(1, t_txt, cfg, device)
-    x1 = torch.randn(1, int(cfg["in_channels"]), image // 8, image // 8, device=device)
+    x1 = torch.randn(1, *shape, device=device)
+    w_roll = float(preset.get("rollout_guidance", 1.0))
     with torch.no_grad():
-        fwd, fwd_attn = count_flops(lambda: P.velocity(rollout_tf, x1, torch.full((1,), 0.5), cond1))
-        dec, _ = count_flops(lambda: P.decode_latents(vae, x1.cpu()))
-    method = "FlopCounterMode, one image"
+        g_fwd = w_roll if mode == "embedded" else None
+        fwd, fwd_attn = count_flops(
+            lambda: P.velocity(rollout_tf, x1, torch.full((1,), 0.5), cond1, g_fwd, family=family)
+        )
+        dec, _ = count_flops(lambda: family.decode(vae, x1.cpu()))
+    method = f"FlopCounterMode, one {unit}"
     if fwd_attn == 0:
-        fwd += attention_flops(cfg, t_img, t_txt)
+        fwd += attention_flops(cfg, t_img, t_txt, fam)
         method += "; attention analytic (no attention kernel seen by the counter)"
     report.data["flops"].update(
         method=method,
         transformer_forward_gflop=fwd / 1e9,
-        attention_forward_analytic_gflop=attention_flops(cfg, t_img, t_txt) / 1e9,
+        attention_forward_analytic_gflop=attention_flops(cfg, t_img, t_txt, fam) / 1e9,
         vae_decode_gflop=dec / 1e9,
     )
+    if fam != "sd3":
+        report.data["flops"].update(image_tokens=t_img, text_tokens=t_txt)
     report.save()
 
-    rows = [(b, s, 1.0) for s in preset["rollout_steps"] for b in preset["rollout_batches"]]
-    rows.append(tuple(preset["cfg_row"]))
+    rows: list[tuple[int, int, float]] = [
+        (b, s, w_roll) for s in preset["rollout_steps"] for b in preset["rollout_batches"]
+    ]
+    if preset.get("cfg_row"):
+        rows.append(tuple(preset["cfg_row"]))
     uncond = random_cond(1, t_txt, cfg, device, seed=99)
     warmed: set[int] = set()
     print("rollout ...", flush=True)
-    for b, steps, w in rows:
-        row: dict[str, Any] = {"batch": b, "steps": steps, "guidance": w}
+    i = 0
+    while i < len(rows):
+        b, steps, w = rows[i]
+        i += 1
+        passes = 2 if (mode == "cfg" and w != 1.0) else 1  # CFG: [uncond; cond] in one forward of 2B
+        row: dict[str, Any] = {"batch": b, "steps": steps, "guidance": w, "family": fam}
+        if fam != "sd3":
+            row["forwards_per_step"] = passes
+            if video:
+                row["frames"] = frames
         if over():
             report.add("rollout", {**row, "error": "skipped (time budget)"})
             continue
         cond = random_cond(b, t_txt, cfg, device, seed=b)
         try:
             with torch.no_grad():
-                eff = b * (2 if w != 1.0 else 1)
+                eff = b * passes
                 if (
                     preset["warmup"] and eff not in warmed
                 ):  # kernels and the allocator see this batch shape once
-                    rollout_batch(rollout_tf, vae, cond, list(range(b)), sd3_sigmas(2, 3.0), image, w, uncond)
+                    rollout_batch(
+                        rollout_tf, vae, cond, list(range(b)), sd3_sigmas(2, 3.0), shape, w, uncond, family
+                    )
                     warmed.add(eff)
                 reset_peak(device)
                 times = []
@@ -502,15 +786,18 @@ def run(args: argparse.Namespace) -> dict:
                         cond,
                         seeds,
                         sd3_sigmas(steps, float(preset["shift"])),
-                        image,
+                        shape,
                         w,
                         uncond,
+                        family,
                     )
                     times.append((t_s + t_d, t_d))
-            assert latents.shape == (b, int(cfg["in_channels"]), image // 8, image // 8)
-            assert images.shape == (b, image, image, 3) and bool(torch.isfinite(latents).all())
+            assert latents.shape == (b, *shape), (tuple(latents.shape), shape)
+            want = (b, frames, height, width, 3) if video else (b, height, width, 3)
+            assert images.shape == want, (images.shape, want)
+            assert bool(torch.isfinite(latents).all())
             total, dec_s = min(times)
-            flops = b * (steps * fwd * (2 if w != 1.0 else 1) + dec)
+            flops = b * (steps * fwd * passes + dec)
             row.update(
                 seconds=round(total, 4),
                 decode_seconds=round(dec_s, 4),
@@ -519,10 +806,14 @@ def run(args: argparse.Namespace) -> dict:
                 tflops=round(flops / total / 1e12, 2),
                 mfu=round(flops / total / peak, 4),
             )
+            if video:
+                row.update(clips_per_s=row["images_per_s"], frames_per_s=round(b * frames / total, 2))
         except RuntimeError as e:
             if not is_oom(e):
                 raise
             row["error"] = "out of memory"
+            if preset.get("halve_on_oom") and b > 1:
+                rows.append((b // 2, steps, w))
         reset_peak(device)
         report.add("rollout", row)
 
@@ -530,22 +821,38 @@ def run(args: argparse.Namespace) -> dict:
     print("building learner ...", flush=True)
     learner = Learner(preset, device, seed=0)
     report.data["params"]["lora_trainable"] = sum(p.numel() for p in learner.params)
-    report.add("weights", weight_roundtrip(learner.module, rollout_tf, device, 3, "lora"))
+    report.add("weights", tagged(weight_roundtrip(learner.module, rollout_tf, device, 3, "lora"), fam))
     rollout_tf = vae = None  # the learner's peak memory counts its own model only
     reset_peak(device)
 
+    count_ckpt = bool(preset.get("count_with_ckpt", False))
+    if count_ckpt:  # one sample at N_MC forwards without checkpointing may not fit: count with it on
+        learner.module.enable_gradient_checkpointing()
     lf, lf_attn = count_flops(lambda: learner.step(1))
-    if lf_attn == 0:
-        lf += 3 * int(preset["n_mc"]) * attention_flops(cfg, t_img, t_txt)  # forward + 2x in backward
+    if lf_attn == 0:  # forward + 2x in backward (+ the recompute's forward when checkpointed)
+        lf += (4 if count_ckpt else 3) * n_mc * attention_flops(cfg, t_img, t_txt, fam)
+    if count_ckpt:
+        lf -= n_mc * fwd  # model FLOPs: the checkpoint recompute (a forward per MC sample) taken off
+        report.data["flops"]["learner_method"] = (
+            "counted with activation checkpointing on, one forward per MC sample (the recompute) subtracted"
+        )
     report.data["flops"]["learner_step_gflop"] = lf / 1e9
     report.save()
 
     lrows = [(b, False, False) for b in preset["learner_plain"]]
     lrows += [(b, True, False) for b in preset["learner_ckpt"]]
-    lrows.append((preset["off_policy_row"][0], preset["off_policy_row"][1], True))
+    if preset.get("off_policy_row"):
+        lrows.append((preset["off_policy_row"][0], preset["off_policy_row"][1], True))
     print("learner ...", flush=True)
-    for b, ckpt, off in lrows:
-        row = {"micro_batch": b, "checkpointing": ckpt, "off_policy": off}
+    i = 0
+    while i < len(lrows):
+        b, ckpt, off = lrows[i]
+        i += 1
+        row = {"micro_batch": b, "checkpointing": ckpt, "off_policy": off, "family": fam}
+        if fam != "sd3":
+            row["guidance"] = float(preset.get("learner_guidance", 1.0))
+            if video:
+                row["frames"] = frames
         if over():
             report.add("learner", {**row, "error": "skipped (time budget)"})
             continue
@@ -567,7 +874,7 @@ def run(args: argparse.Namespace) -> dict:
                 step_times.append(time.perf_counter() - t0)
             sec = min(step_times)
             # model FLOPs: the old-adapter forwards (no grad) add N_MC forwards per image
-            flops = b * (lf + (int(preset["n_mc"]) * fwd if off else 0))
+            flops = b * (lf + (n_mc * fwd if off else 0))
             row.update(
                 seconds=round(sec, 4),
                 images_per_s=round(b / sec, 3),
@@ -576,23 +883,48 @@ def run(args: argparse.Namespace) -> dict:
                 tflops=round(flops / sec / 1e12, 2),
                 mfu=round(flops / sec / peak, 4),
             )
+            if video:
+                row["clips_per_s"] = row["images_per_s"]
         except RuntimeError as e:
             if not is_oom(e):
                 raise
             row["error"] = "out of memory"
             learner.opt.zero_grad(set_to_none=True)
+            if preset.get("halve_on_oom") and b > 1:
+                lrows.append((b // 2, ckpt, off))
         reset_peak(device)
         report.add("learner", row)
     if learner.note:
         meta["notes"].append(learner.note)
-    meta["notes"].append(
-        "rollout images/s: sampling + VAE decode of one batch (best of repeats), random prompt embeddings "
-        "(text encoders not timed); learner images/s: one micro step (V-GRPO loss, backward, clip, "
-        "AdamW) of one prompt group; eager PyTorch, no torch.compile or CUDA graphs"
-    )
+    if fam == "sd3":
+        meta["notes"].append(
+            "rollout images/s: sampling + VAE decode of one batch (best of repeats), random prompt embeddings "
+            "(text encoders not timed); learner images/s: one micro step (V-GRPO loss, backward, clip, "
+            "AdamW) of one prompt group; eager PyTorch, no torch.compile or CUDA graphs"
+        )
+    else:
+        how = (
+            f"guidance {w_roll:g} through the guidance embedding (one forward a step)"
+            if mode == "embedded"
+            else f"CFG {w_roll:g} ([uncond; cond] in one forward of 2B a step)"
+        )
+        meta["notes"].append(
+            f"rollout {unit}s/s: sampling ({how}) + VAE decode of one batch, random prompt embeddings "
+            f"(text encoders not timed); learner {unit}s/s: one micro step (V-GRPO loss at guidance "
+            f"{float(preset.get('learner_guidance', 1.0)):g}, backward, clip, AdamW) of one prompt group with "
+            f"activation checkpointing; {int(preset['repeats'])} timed run(s) a row"
+            + (" after one untimed warm-up" if preset["warmup"] else "")
+            + "; eager PyTorch, no torch.compile or CUDA graphs; a row out of memory is retried at half "
+            "its batch"
+        )
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
     report.save()
     return report.data
+
+
+def tagged(row: dict, family: str) -> dict:
+    """A weights row with its family."""
+    return {**row, "family": family}
 
 
 @torch.no_grad()
@@ -633,18 +965,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU: checks the code path")
     ap.add_argument("--from-json", type=Path, default=None, help="render a saved run; measure nothing")
     ap.add_argument(
-        "--json", type=Path, default=None, help="default benchmarks/results/gpu.json (gpu_cpu_smoke.json)"
+        "--json",
+        type=Path,
+        default=None,
+        help="default benchmarks/results/gpu.json (gpu_cpu_smoke.json; gpu_flux.json, gpu_wan.json, ...)",
     )
     ap.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose GPU section is updated")
     ap.add_argument("--no-docs", action="store_true", help="do not touch the docs (default with --cpu-smoke)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--budget-s", type=float, default=360.0, help="rows after this many seconds are skipped")
+    ap.add_argument(
+        "--family",
+        choices=tuple(PRESETS),
+        default="sd3",
+        help="sd3: SD3.5-Medium (default); flux: FLUX.1-dev at 512²; wan: Wan2.1-T2V-1.3B at 480x832",
+    )
+    ap.add_argument(
+        "--frames", type=int, default=None, help="wan: frames a clip, 4k + 1 (default 33; --cpu-smoke: 5)"
+    )
     args = ap.parse_args(argv)
     if args.from_json is not None:
         data = json.loads(args.from_json.read_text())
     else:
         if args.json is None:
-            name = "gpu_cpu_smoke.json" if args.cpu_smoke else "gpu.json"
+            stem = "gpu" if args.family == "sd3" else f"gpu_{args.family}"
+            name = f"{stem}_cpu_smoke.json" if args.cpu_smoke else f"{stem}.json"
             args.json = ROOT / "benchmarks" / "results" / name
         if args.cpu_smoke:
             torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -653,8 +998,13 @@ def main(argv: list[str] | None = None) -> int:
     print_table(data)
     if args.cpu_smoke and args.from_json is None:
         # exercise the docs rendering without touching the docs: replace, then replace again
-        once = update_docs(f"# Benchmarks\n\n## GPU\n\n{BEGIN}\nnothing yet\n{END}\n", render_markdown(data))
-        assert update_docs(once, render_markdown(data)) == once and once.count(BEGIN) == 1
+        fam = str(data["meta"].get("family", "sd3"))
+        begin, end = markers(fam)
+        section = render_markdown(data)
+        once = update_docs(f"# Benchmarks\n\n## GPU\n\n{begin}\nnothing yet\n{end}\n", section, fam)
+        assert update_docs(once, section, fam) == once and once.count(begin) == 1
+        fresh = update_docs("# Benchmarks\n", section, fam)  # no markers yet: a section is appended
+        assert update_docs(fresh, section, fam) == fresh and fresh.count(begin) == 1
         print(f"cpu smoke passed in {data['meta']['seconds']} s (docs section rendered, not written)")
     elif not args.no_docs:
         write_docs(args.docs, data)
