@@ -77,9 +77,11 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     family: str = "auto",
+    text_only: bool = False,
 ) -> Any:
     """The diffusers pipeline of the checkpoint at ``path``, loaded as its family's class (``family``:
-    ``model.family``; ``auto`` reads model_index.json — a FamilyError names the families otherwise)."""
+    ``model.family``; ``auto`` reads model_index.json — a FamilyError names the families otherwise).
+    ``text_only``: the text encoders and tokenizers alone (no transformer, no VAE), for encoding."""
     import diffusers
     import transformers
 
@@ -88,7 +90,7 @@ def load_pipeline(
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     resolved = resolve_model_path(path)
-    pipe = resolve_family(resolved, family).load_pipeline(resolved, dtype)
+    pipe = resolve_family(resolved, family).load_pipeline(resolved, dtype, text_only)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -257,11 +257,18 @@ class LearnerEngine:
         return frozen.to(self.device, torch.bfloat16 if bf16 else torch.float32)
 
     def _uncond_embeddings(self) -> TextCond:
+        """The empty prompt's conditioning for the guided training forward, encoded once on the host by
+        the text encoders alone (no second transformer and no VAE on the learner's device: for FLUX.1 or
+        Qwen-Image that would be tens of GB), then moved to the device."""
         pipe = P.load_pipeline(
-            self.model_cfg.path, dtype=torch.float32, device=self.device, family=self.model_cfg.family
+            self.model_cfg.path,
+            dtype=torch.float32,
+            device="cpu",
+            family=self.model_cfg.family,
+            text_only=True,
         )
         empty = P.empty_prompt_embeds(pipe, self.model_cfg.max_sequence_length)
-        return TextCond(*(None if t is None else t.detach() for t in empty))
+        return empty.to(self.device)
 
     # ------------------------------------------------------------------------------------ weights
 

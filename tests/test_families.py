@@ -73,6 +73,18 @@ def test_prompt_length_limits_fit_each_family(tiny):
     assert FAMILIES["qwen_image"].max_text_tokens == 1024
 
 
+@pytest.mark.parametrize("family", ["flux", "qwen_image", "wan"])
+def test_the_learners_text_only_pipeline_encodes_as_the_whole_one(tiny, family):
+    """The learner encodes the empty prompt with the text encoders alone (no transformer, no VAE)."""
+    text = P.load_pipeline(tiny(family), text_only=True)
+    assert text.transformer is None and text.vae is None
+    a, b = (
+        P.empty_prompt_embeds(text, TEXT_LEN),
+        P.empty_prompt_embeds(P.load_pipeline(tiny(family)), TEXT_LEN),
+    )
+    assert torch.equal(a.embeds, b.embeds) and torch.equal(a.pooled, b.pooled)
+
+
 # ------------------------------------------------------------------------- against diffusers' pipelines
 
 

@@ -105,11 +105,13 @@ class Family:
 
     # ------------------------------------------------------------------------------------ loading
 
-    def load_pipeline(self, path: str, dtype: torch.dtype) -> Any:
+    def load_pipeline(self, path: str, dtype: torch.dtype, text_only: bool = False) -> Any:
+        """The pipeline; ``text_only``: without its transformer and VAE (what encoding prompts needs)."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)
-        return cls.from_pretrained(path, dtype=dtype)
+        skip = {"transformer": None, "vae": None} if text_only else {}
+        return cls.from_pretrained(path, dtype=dtype, **skip)
 
     def load_transformer(self, path: str, dtype: torch.dtype = torch.float32) -> Any:
         import diffusers

@@ -50,7 +50,7 @@ class Flux(PackedFamily):
         embeds_bld, pooled_bd, _ = pipe.encode_prompt(
             prompt=list(prompts),
             prompt_2=None,
-            device=pipe.transformer.device,
+            device=pipe.text_encoder.device,
             max_sequence_length=max_sequence_length,
         )
         return TextCond(embeds_bld, pooled_bd)

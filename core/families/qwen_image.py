@@ -49,7 +49,7 @@ class QwenImage(PackedFamily):
         """diffusers' ``encode_prompt``: the template's prompt tokens (B, L, D), L the batch's longest,
         shorter prompts padded and masked; no pooled vector (P = 0)."""
         embeds_bld, mask_bl = pipe.encode_prompt(
-            prompt=list(prompts), device=pipe.transformer.device, max_sequence_length=max_sequence_length
+            prompt=list(prompts), device=pipe.text_encoder.device, max_sequence_length=max_sequence_length
         )
         pooled = embeds_bld.new_zeros(embeds_bld.shape[0], 0)
         return TextCond(embeds_bld, pooled, None if mask_bl is None else mask_bl.bool())

@@ -30,13 +30,15 @@ class SD3(Family):
         "to_add_out",
     )
 
-    def load_pipeline(self, path: str, dtype: torch.dtype) -> Any:
+    def load_pipeline(self, path: str, dtype: torch.dtype, text_only: bool = False) -> Any:
         """A folder without T5 (no ``text_encoder_3`` in its model_index.json, or a null entry) is loaded
         with ``text_encoder_3=None, tokenizer_3=None``, which diffusers requires for the omitted slots
         (docs/stack-notes.md)."""
         from diffusers import StableDiffusion3Pipeline
 
         kwargs: dict = {"dtype": dtype}
+        if text_only:  # the transformer stays: without T5, diffusers sizes its empty T5 slot from its config
+            kwargs.update(vae=None)
         index = Path(path) / "model_index.json"
         if index.is_file():
             entry = json.loads(index.read_text()).get("text_encoder_3")
@@ -55,7 +57,7 @@ class SD3(Family):
             prompt=list(prompts),
             prompt_2=None,
             prompt_3=None,
-            device=pipe.transformer.device,
+            device=pipe.text_encoder.device,
             do_classifier_free_guidance=False,
             max_sequence_length=t5_len,
         )

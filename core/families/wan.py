@@ -27,7 +27,7 @@ class Wan(Family):
             prompt=list(prompts),
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
-            device=pipe.transformer.device,
+            device=pipe.text_encoder.device,
         )
         return TextCond(embeds_bld, embeds_bld.new_zeros(embeds_bld.shape[0], 0))
 
