@@ -477,6 +477,14 @@ class ServedReward(Reward):
         if name not in client.handles:
             raise ValueError(f"reward {name!r} is not served here (served: {', '.join(client.handles)})")
         self.name, self.client = name, client
+        self.video = False  # whether the deployment scores whole clips: asked when the first clips come
+
+    def score_samples(
+        self, samples: list[np.ndarray], prompts: list[str], metadata: list[dict] | None = None
+    ) -> list[ScoredItem]:
+        if samples and np.asarray(samples[0]).ndim == 4:
+            self.video = self.name in _blocking(lambda: self.client._video_rewards())
+        return super().score_samples(samples, prompts, metadata)
 
     def score(
         self, images: list[np.ndarray], prompts: list[str], metadata: list[dict] | None = None
@@ -484,7 +492,7 @@ class ServedReward(Reward):
         self.check_batch(images, prompts, metadata)
         meta: list[dict[str, Any] | None] = list(metadata) if metadata is not None else [None] * len(images)
         handles = {self.name: self.client.handles[self.name]}
-        pixels = [to_uint8_rgb(image) for image in images]
+        pixels = [to_uint8_clip(x) if self.video else to_uint8_rgb(x) for x in images]
         c = self.client
         outs = _blocking(lambda: _score_items(handles, pixels, list(prompts), meta, c.timeout_s, c.retries))
         return [

@@ -184,6 +184,10 @@ def test_clips_go_whole_to_a_video_reward_and_frame_by_frame_to_an_image_reward(
     np.testing.assert_allclose(scores.values["test-motion"], moves)
     np.testing.assert_allclose(scores.total, 0.5 * bright + 2.0 * moves)
     assert scores.details["test-brightness"][0]["frames"] == 5
+    # held-out evaluation through the served rewards scores clips the same way
+    for name, want in (("test-brightness", bright), ("test-motion", moves)):
+        items = rs.ServedReward(client, name).score_samples(list(clips), ["a clip", "another", "a third"])
+        np.testing.assert_allclose([it.value for it in items], want)
 
 
 def test_a_served_reward_scores_held_out_images_as_the_in_process_one(served: Any) -> None:
