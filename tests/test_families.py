@@ -269,7 +269,9 @@ def _train(
         None,
         [
             f"model.path={path}", f"algorithm.name={algorithm}", f"train.steps={steps}",
-            "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.num_steps=4",
+            "rollout.prompts_per_step=2", "rollout.group_size=2",
+            # Flow-GRPO-Fast's default window range [0, 5] needs 6 sampler steps; the others run 4
+            f"rollout.num_steps={6 if algorithm == 'flow_grpo_fast' else 4}",
             "train.checkpoint_every=2", "train.samples_every=2", "observability.progress=plain",
         ],
     )  # fmt: skip
