@@ -122,14 +122,13 @@ def check_prompt_length(pipe: Any, max_sequence_length: int) -> None:
 
 def empty_prompt_embeds(pipe: Any, max_sequence_length: int = 256) -> TextCond:
     """The unconditional (empty-prompt) conditioning for CFG (docs/algorithms.md §2.2), one row, computed
-    once per pipeline and cached. Stale if the text encoders are trained."""
-    cached = _EMPTY_CACHE.get(pipe)
-    if cached is None:
-        family = family_of(pipe)
+    once per pipeline and prompt length and cached. Stale if the text encoders are trained."""
+    length = min(max_sequence_length, family_of(pipe).max_text_tokens)
+    by_length = _EMPTY_CACHE.setdefault(pipe, {})
+    if length not in by_length:
         with torch.no_grad():
-            cached = encode_prompts(pipe, [""], min(max_sequence_length, family.max_text_tokens))
-        _EMPTY_CACHE[pipe] = cached
-    return cached
+            by_length[length] = encode_prompts(pipe, [""], length)
+    return by_length[length]
 
 
 # ------------------------------------------------------------------------------------------- network
@@ -226,8 +225,9 @@ def native_shape(pipe: Any, frames: int | None = None) -> tuple[int, int, int]:
     """(height, width, frames) the pipeline generates by default (``frames`` overrides the family's; 1 for
     images): SD3 ``sample_size · vae_scale_factor``; a ``vgrpo tiny-model`` folder's recorded size;
     otherwise the family's diffusers default (docs/families.md)."""
-    h, w, f = family_of(pipe).native_size(pipe)
-    return h, w, (frames or f) if family_of(pipe).video else 1
+    family = family_of(pipe)
+    h, w, f = family.native_size(pipe)
+    return h, w, (frames or f) if family.video else 1
 
 
 def native_size(pipe: Any) -> tuple[int, int]:

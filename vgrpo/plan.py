@@ -428,13 +428,6 @@ FAMILY_ARCHS: dict[str, list[tuple[tuple[str, ...], Arch]]] = {
     "qwen_image": [(("qwen-image", "qwen_image", "qwenimage"), QWEN_IMAGE_ARCH)],
     "wan": [(("wan2.1-t2v-1.3b", "wan2.1_t2v_1.3b", "wan21-t2v-1.3b", "wan21_t2v_1_3b"), WAN21_1_3B_ARCH)],
 }
-# model_index.json's _class_name -> family, for a local folder with model.family auto
-PIPELINE_FAMILY = {
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "QwenImagePipeline": "qwen_image",
-    "WanPipeline": "wan",
-}
 
 
 def _from_table(path: str, family: str | None) -> Arch | None:
@@ -483,14 +476,14 @@ def arch_of(cfg: RunConfig) -> Arch:
         folder = Path(resolve_model_path(path))
     except ModelPathError as e:
         raise PlanError(str(e)) from None
-    index = folder / "model_index.json"
-    if family == "auto" and index.is_file():
-        try:
-            cls = str(json.loads(index.read_text()).get("_class_name", ""))
-        except (OSError, ValueError):
-            cls = ""
-        fam = PIPELINE_FAMILY.get(cls)
-        if fam is not None and fam != "sd3":
+    if family == "auto":
+        from vgrpo.core.families import FamilyError, resolve_family
+
+        try:  # model_index.json's pipeline class names the family
+            fam = resolve_family(str(folder)).name
+        except (FamilyError, OSError, ValueError):
+            fam = "sd3"  # no index, or a class no family has: read it as SD3, as before
+        if fam != "sd3":
             return _local_family_arch(folder, fam)
     return _local_sd3_arch(cfg, folder)
 

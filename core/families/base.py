@@ -63,6 +63,12 @@ class TextCond(NamedTuple):
         return TextCond(self.embeds.expand(b, -1, -1), self.pooled.expand(b, -1), mask)
 
 
+# LoRA targets (peft names or dotted suffixes): the attention projections of a block, and of an MMDiT
+# joint block (its text stream's projections too), as Flow-GRPO targets them (docs/algorithms.md §6.1)
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+JOINT_ATTENTION = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
 class FamilyError(ValueError):
     """The family of a checkpoint is unknown or cannot be told; the message lists the families."""
 
@@ -200,6 +206,15 @@ def pixels(x_bchw: torch.Tensor) -> np.ndarray:
     """VAE output in [-1, 1], ``(B, 3, H, W)`` -> uint8 ``(B, H, W, 3)``."""
     x = ((x_bchw.detach().float().clamp(-1, 1) + 1.0) * 127.5).round()
     return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+
+
+def channel_stats(vae: Any, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A video VAE's per-channel latent mean and std (Qwen-Image's, Wan's), shaped to broadcast over
+    ``ndim``-dimensional latents."""
+    shape = (1, int(vae.config.z_dim)) + (1,) * (ndim - 2)
+    mean = torch.tensor(vae.config.latents_mean).view(shape)
+    std = torch.tensor(vae.config.latents_std).view(shape)
+    return mean.to(vae.device, vae.dtype), std.to(vae.device, vae.dtype)
 
 
 def pack_2x2(x_bchw: torch.Tensor) -> torch.Tensor:

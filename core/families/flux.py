@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from vgrpo.core.families.base import (
+    JOINT_ATTENTION,
     PackedFamily,
     TextCond,
     pack_2x2,
@@ -34,16 +35,7 @@ class Flux(PackedFamily):
     transformer_class = "FluxTransformer2DModel"
     # the attention projections of the double-stream blocks (image and text streams) and of the
     # single-stream blocks (to_q/k/v), as Flow-GRPO's FLUX recipes target them
-    lora_targets = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    )
+    lora_targets = JOINT_ATTENTION
 
     def encode(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> TextCond:
         """diffusers' ``encode_prompt``: T5 tokens (B, L, D) and CLIP's pooled vector (B, P)."""

@@ -12,8 +12,10 @@ import numpy as np
 import torch
 
 from vgrpo.core.families.base import (
+    JOINT_ATTENTION,
     PackedFamily,
     TextCond,
+    channel_stats,
     pack_2x2,
     pixels,
     unpack_2x2,
@@ -21,28 +23,11 @@ from vgrpo.core.families.base import (
 from vgrpo.core.flow import apply_cfg
 
 
-def channel_stats(vae: Any, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE's per-channel latent mean and std, shaped to broadcast over ``ndim``-dimensional latents."""
-    shape = (1, int(vae.config.z_dim)) + (1,) * (ndim - 2)
-    mean = torch.tensor(vae.config.latents_mean).view(shape)
-    std = torch.tensor(vae.config.latents_std).view(shape)
-    return mean.to(vae.device, vae.dtype), std.to(vae.device, vae.dtype)
-
-
 class QwenImage(PackedFamily):
     name = "qwen_image"
     pipeline_class = "QwenImagePipeline"
     transformer_class = "QwenImageTransformer2DModel"
-    lora_targets = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    )
+    lora_targets = JOINT_ATTENTION
     max_text_tokens = 1024
 
     def encode(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> TextCond:

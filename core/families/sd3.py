@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vgrpo.core.families.base import Family, TextCond, check_divisible, pixels
+from vgrpo.core.families.base import JOINT_ATTENTION, Family, TextCond, check_divisible, pixels
 
 
 class SD3(Family):
@@ -19,16 +19,7 @@ class SD3(Family):
     pipeline_class = "StableDiffusion3Pipeline"
     transformer_class = "SD3Transformer2DModel"
     # the attention projections of the joint blocks, as Flow-GRPO targets them (docs/algorithms.md §6.1)
-    lora_targets = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    )
+    lora_targets = JOINT_ATTENTION
 
     def load_pipeline(self, path: str, dtype: torch.dtype, text_only: bool = False) -> Any:
         """A folder without T5 (no ``text_encoder_3`` in its model_index.json, or a null entry) is loaded

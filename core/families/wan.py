@@ -11,15 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vgrpo.core.families.base import Family, TextCond, check_divisible, sidecar
-from vgrpo.core.families.qwen_image import channel_stats
+from vgrpo.core.families.base import ATTENTION, Family, TextCond, channel_stats, check_divisible, sidecar
 
 
 class Wan(Family):
     name = "wan"
     pipeline_class = "WanPipeline"
     transformer_class = "WanTransformer3DModel"
-    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention of every block
+    lora_targets = ATTENTION  # self- and cross-attention of every block
     video = True
 
     def encode(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> TextCond:
