@@ -1,5 +1,16 @@
-"""Static vs re-planned capacity, simulated with the planner's cost model (vgrpo/plan.py, vgrpo/elastic.py).
+"""Capacity during a run: a node joining and a node leaving a live Ray cluster (real runs on this
+machine), and static vs re-planned capacity simulated with the planner's cost model (vgrpo/plan.py,
+vgrpo/elastic.py).
 
+Live (``vgrpo/local_nodes.py: elastic_run``; skip with ``--no-live``): a head and a 1-CPU worker node
+started as separate ``ray start`` processes on 127.0.0.1, ``vgrpo train --address`` with the embedded tiny
+SD3 and ``train.autoscale`` every 2 steps. ``join``: the run starts with one rollout worker on a full head,
+the node joins once step 2 is logged, the next re-plan adds a worker on it. ``leave``: the run starts with
+two workers, one on the node; its raylet is killed (by pid) once step 2 is logged; the worker's share is
+redone on the other and the run goes on with one. Each gives the event's step and time, images/s before
+and after (medians; step 1 and the step of the change left out), the re-plans and their latency.
+
+Simulated:
 A 64-GPU V-GRPO job on SD3.5-Medium (configs/sd35m_vgrpo_geneval.yaml) starts with GenEval as its reward
 and the planner's best split; halfway its reward becomes ``--factor`` times dearer per image (e.g. a VLM
 judge replacing GenEval). The static job keeps its launch split; the elastic one re-plans every
@@ -8,10 +19,8 @@ with a few percent of noise), learner ranks unchanged, and pays ``--move-s`` sec
 (new actors loading the policy / the reward model). Prints a table and writes
 benchmarks/results/elastic.json.
 
-    python benchmarks/elastic.py [--gpus 64] [--steps 600] [--factor 8] [--every 25] [--min-gain 0.1]
-
-The join and leave runs of the issue (a node added to / lost from a live Ray cluster) need the driver to
-add and remove actors mid-run; they are not measured here yet (the JSON says so).
+    python benchmarks/elastic.py [--no-live] [--live-steps 8] [--gpus 64] [--steps 600] [--factor 8]
+        [--every 25] [--min-gain 0.1]
 """
 
 from __future__ import annotations
@@ -98,6 +107,53 @@ def simulate(args: argparse.Namespace) -> dict:
     }
 
 
+def live(event: str, steps: int, root: Path) -> dict:
+    """One join or leave run, summarised (the raw rows and events stay in ``root``)."""
+    import shutil
+    import statistics
+
+    from vgrpo.local_nodes import elastic_run
+
+    shutil.rmtree(root / event, ignore_errors=True)
+    out = elastic_run(root / event, event, steps=steps, at_step=2)
+    rows, at = out["rows"], out["happened"].get("after_step")
+    changes = [e for e in out["capacity"] if e["event"] == "workers"]
+    change = changes[0]["step"] if changes else None
+
+    def med(sel: list[dict], key: str) -> float | None:
+        return round(statistics.median(r[key] for r in sel), 3) if sel else None
+
+    before = [r for r in rows if 2 <= r["step"] <= (at or 0)]
+    after = [r for r in rows if change is not None and r["step"] > change]
+    for r in rows:
+        r["rollout_images_per_s"] = r["images_per_s"] * r["time/step"] / r["time/rollout"]
+    return {
+        "event": event,
+        "command": f"python benchmarks/elastic.py (vgrpo.local_nodes.elastic_run(root, {event!r}, steps={steps}, "
+        "at_step=2))",
+        "rc": out["rc"],
+        "steps_logged": [r["step"] for r in rows],
+        "after_step": at,
+        "time_s": round(out["happened"].get("time_s", 0.0), 1),
+        "workers_changed_at_step": change,
+        "rollout_workers": [rows[0]["capacity/rollout_workers"], rows[-1]["capacity/rollout_workers"]]
+        if rows
+        else None,
+        "images_per_s_before": med(before, "images_per_s"),
+        "images_per_s_after": med(after, "images_per_s"),
+        "rollout_images_per_s_before": med(before, "rollout_images_per_s"),
+        "rollout_images_per_s_after": med(after, "rollout_images_per_s"),
+        "step_s_of_the_change": next((round(r["time/step"], 2) for r in rows if r["step"] == change), None),
+        "replans": [
+            {k: e.get(k) for k in ("step", "free_slots", "act", "reason", "seconds", "apply_s", "done")}
+            for e in out["capacity"]
+            if e["event"] == "replan"
+        ],
+        "events": changes,
+        "wall_s": round(out["wall_s"], 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, default=64)
@@ -108,15 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--move-s", type=float, default=90.0, help="seconds a move costs (actors loading)")
     ap.add_argument("--noise", type=float, default=0.05, help="relative noise of the measured phase seconds")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--no-live", action="store_true", help="skip the join and leave runs (minutes each)")
+    ap.add_argument("--live-steps", type=int, default=8)
+    ap.add_argument("--live-dir", type=Path, default=Path("/tmp/vgrpo-elastic-bench"))
     args = ap.parse_args(argv)
     sim = simulate(args)
-    result = {
-        "simulation": sim,
-        "join": None,
-        "leave": None,
-        "not_measured": "join/leave runs on a live multi-node Ray cluster: the driver does not add or remove "
-        "actors mid-run yet (vgrpo/elastic.py decides; nothing acts on it)",
-    }
+    result: dict = {"simulation": sim, "join": None, "leave": None}
+    if not args.no_live:
+        import datetime
+        import os
+
+        result["live_machine"] = f"{os.cpu_count()} cores; measured {datetime.date.today().isoformat()}"
+        for event in ("join", "leave"):
+            result[event] = r = live(event, args.live_steps, args.live_dir)
+            print(
+                f"{event}: after step {r['after_step']} ({r['time_s']} s); workers {r['rollout_workers']} "
+                f"(changed at step {r['workers_changed_at_step']}); images/s {r['images_per_s_before']} -> "
+                f"{r['images_per_s_after']}; rollout images/s {r['rollout_images_per_s_before']} -> "
+                f"{r['rollout_images_per_s_after']}; steps {r['steps_logged']}; rc {r['rc']}"
+            )
+            for d in r["replans"]:
+                print(f"  step {d['step']}: {d['reason']} ({d['seconds'] * 1e3:.2f} ms to decide)")
     s, e = sim["static"], sim["elastic"]
     print(f"{sim['gpus']} GPUs, {sim['steps']} steps, reward x{sim['reward_factor_second_half']:g} from step "
           f"{sim['steps'] // 2 + 1}; start split {sim['start_split']}")  # fmt: skip

@@ -136,6 +136,20 @@ SPECS: dict[str, Spec] = {
         ),
         _spec("vgrpo_adv_zero_std_frac", "gauge", "fraction of prompt groups whose rewards are all equal"),
         _spec(
+            "vgrpo_capacity",
+            "gauge",
+            "the run's capacity (kind: rollout_workers, reward_replicas after the step; sampling_workers: those "
+            "given prompts in it; worker_replacements so far)",
+            ("kind",),
+        ),
+        _spec(
+            "vgrpo_autoscale",
+            "gauge",
+            "the last capacity re-plan (signal: predicted_gain, predicted_images_per_s, acted, decision_s, "
+            "apply_s)",
+            ("signal",),
+        ),
+        _spec(
             "vgrpo_eval_score", "gauge", "held-out evaluation score; family=overall is the mean", ("family",)
         ),
         # --- failures, any role
@@ -355,6 +369,10 @@ def export_step(row: dict[str, Any], port: int | None = None, bind: str = "127.0
             record("vgrpo_eval_score", value, *tags, family=key[5:])
         elif key.startswith("health/"):
             record("vgrpo_health", value, *tags, signal=key[7:])
+        elif key.startswith("capacity/"):
+            record("vgrpo_capacity", value, *tags, kind=key[9:])
+        elif key.startswith("autoscale/"):
+            record("vgrpo_autoscale", value, *tags, signal=key[10:])
     record("vgrpo_weight_update_bytes", row.get("weight_sync_bytes", 0), *tags)
     record("vgrpo_adv_zero_std_frac", row.get("adv/zero_std_frac", 0.0), *tags)
     record("vgrpo_retries", row.get("reward_retries", 0), *tags, kind="reward")

@@ -564,6 +564,25 @@ class LearnerConfig(Section):
 # ----------------------------------------------------------------------------------------------- train
 
 
+class AutoscaleConfig(Section):
+    """Re-planning rollout and reward capacity during a run (docs/training.md "Capacity during a run")."""
+
+    enabled: bool = Field(
+        False,
+        description="every `every` steps, feed the measured per-phase seconds into the planner and add or "
+        "remove rollout workers and reward replicas when the predicted images/s gain passes min_gain",
+    )
+    every: int = Field(10, ge=1, description="steps between re-plans")
+    window: int = Field(
+        3, ge=1, description="steps measured with the current split that a re-plan needs (their median)"
+    )
+    min_gain: float = Field(0.1, ge=0, description="predicted images/s gain (0.1 = +10 %) worth a move")
+    max_rollout_workers: int | None = Field(None, ge=1, description="cap on rollout workers (None: none)")
+    max_reward_replicas: int | None = Field(
+        None, ge=1, description="cap on a reward's replicas (None: the reward's max_replicas)"
+    )
+
+
 class TrainConfig(Section):
     steps: int = Field(160, ge=1, description="training steps (each publishes a new policy version)")
     seed: int = 0
@@ -589,6 +608,14 @@ class TrainConfig(Section):
     run_name: str | None = None
     storage: str | None = Field(None, description="shared path or fsspec URL for the run directory")
     timeout_s: float = Field(600.0, gt=0, description="limit on any single remote wait")
+    placement_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="how long a replacement or added rollout worker waits for a node with room; past it a "
+        "replacement is given up (the worker leaves the run, its share is redone on the others) and an "
+        "addition is skipped",
+    )
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
     weight_sync: Literal["auto", "object_store", "collective"] = Field(
         "auto",
         description="how published weights reach the rollout workers: collective = a broadcast from learner "

@@ -268,8 +268,13 @@ def test_dry_run_custom_resources_must_exist_on_the_cluster() -> None:
     pin = ["--set", "rollout.custom_resources.vgrpo_rollout=1"]
     code, out = dry_run("--config", recipe, "--resources", GPU64, *pin)
     assert code == 3 and "vgrpo_rollout" in out, out
-    cluster = json.dumps([{**NODE8, "vgrpo_rollout": 8}] * 3 + [NODE8] * 3)
+    cluster = json.dumps([{**NODE8, "vgrpo_rollout": 8}] * 3 + [{**NODE8, "vgrpo_learner": 8}] * 3)
     code, out = dry_run("--config", recipe, "--resources", cluster, *pin)
+    # the learners' group is placed first (as Ray does): first fit puts it on the rollout nodes
+    assert code == 3 and "pin it elsewhere with learner.custom_resources" in out, out
+    code, out = dry_run(
+        "--config", recipe, "--resources", cluster, *pin, "--set", "learner.custom_resources.vgrpo_learner=1"
+    )
     assert code == 0, out
 
 
@@ -278,7 +283,9 @@ def test_strict_pack_needs_one_node() -> None:
         CONFIGS / "sd35m_vgrpo_pickscore_1node.yaml", ["resources.placement_strategy=STRICT_PACK"]
     )
     assert placement.plan_placement(cfg, [NODE8]).fits
-    plan = placement.plan_placement(cfg, [{"GPU": 4, "CPU": 96}, {"GPU": 4, "CPU": 96}])
+    # STRICT_PACK keeps the learners' group (3 ranks of 1 GPU) on one node; rollout workers have their own
+    assert placement.plan_placement(cfg, [{"GPU": 4, "CPU": 96}, {"GPU": 4, "CPU": 96}]).fits
+    plan = placement.plan_placement(cfg, [{"GPU": 2, "CPU": 96}] * 4)
     assert not plan.fits and plan.short == ["GPU"] and "STRICT_PACK" in plan.problem
 
 

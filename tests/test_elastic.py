@@ -1,11 +1,16 @@
 """Re-planning from measured per-phase seconds (vgrpo/elastic.py): the measured costs invert the planner's
 step model, and a decision moves devices between rollout and reward only when the model predicts a gain
-past the threshold — never the learner's ranks, never below one rollout worker."""
+past the threshold — never the learner's ranks, never below one rollout worker. The driver acting on it
+(vgrpo/capacity.py): the room it counts, how replicas are shared; and, slow, real runs on a cluster of
+`ray start` nodes on this machine that gains a node and that loses one (vgrpo/local_nodes.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from vgrpo.capacity import distribute, free_slots
 from vgrpo.elastic import best_split, measured_costs, replan
 from vgrpo.plan import Cluster, Costs, Split, Workload, predict
 
@@ -73,3 +78,79 @@ def test_a_node_that_left_forces_a_split_that_fits_and_a_joined_one_is_used():
     assert joined.act and joined.proposed.rollout > current.rollout and joined.gain >= 0.1, joined.reason
     assert joined.proposed.total <= 64 and "devices (was" not in joined.reason  # a gain, not a forced move
     assert "40 devices (was 48)" in left.reason
+
+
+# ----------------------------------------------------------------------------------------- the driver's side
+
+
+def test_free_slots_count_whole_bundles_per_node():
+    worker = {"GPU": 1.0, "CPU": 8.0}
+    nodes = [{"GPU": 3.0, "CPU": 20.0}, {"GPU": 0.5, "CPU": 64.0}, {"CPU": 96.0}, {"GPU": 8.0, "CPU": 8.0}]
+    # node 0: CPU allows 2 (20 / 8), GPU 3 -> 2; node 1: half a GPU -> 0; node 2: no GPU; node 3: CPU 1
+    assert free_slots(worker, nodes) == 3
+    # a bundle that fits in the sum but on no single node counts nothing
+    assert free_slots({"CPU": 1.0, "vgrpo_head": 0.01}, [{"CPU": 4.0}, {"vgrpo_head": 1.0}]) == 0
+    assert free_slots({"CPU": 0.25}, [{"CPU": 1.0}]) == 4  # 4 x 0.25 exactly, despite float rounding
+
+
+def test_replicas_are_shared_in_proportion_at_least_one_each_within_the_cap():
+    assert distribute(6, {"pickscore": 2, "ocr": 1}, cap=8) == {"pickscore": 4, "ocr": 2}
+    assert distribute(3, {"pickscore": 2, "ocr": 2}, cap=8) in (
+        {"pickscore": 2, "ocr": 1},
+        {"pickscore": 1, "ocr": 2},
+    )
+    assert distribute(1, {"pickscore": 4, "ocr": 4}, cap=8) == {"pickscore": 1, "ocr": 1}  # never below one
+    assert distribute(20, {"pickscore": 1}, cap=4) == {"pickscore": 4}
+
+
+# ------------------------------------------------------------------ nodes joining and leaving, for real (slow)
+
+
+def _tail(path: str) -> str:
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-40:])
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_mid_run_gets_a_rollout_worker_with_prompts(tmp_path: Path):
+    from vgrpo.local_nodes import elastic_run
+
+    out = elastic_run(tmp_path / "join", "join", steps=8, at_step=2)
+    assert out["rc"] == 0, _tail(out["log"])
+    rows, joined = out["rows"], out["happened"]["after_step"]
+    assert [r["step"] for r in rows] == list(range(1, 9))  # every step once
+    replans = [e for e in out["capacity"] if e["event"] == "replan"]
+    before = [e for e in replans if e["step"] <= joined]
+    assert all(not e["act"] and e["free_slots"] == 0 for e in before), before  # a full head: nothing to add
+    moves = [e for e in replans if e["act"]]
+    assert len(moves) == 1 and moves[0]["step"] > joined, replans
+    move = moves[0]
+    assert move["free_slots"] == 1 and move["current"]["rollout"] == 1 and move["proposed"]["rollout"] == 2
+    assert move["done"]["rollout_workers"] == [1, 2] and move["new_images_per_s"] > move["now_images_per_s"]
+    assert move["proposed"]["learner"] == 1  # the learner group is never resized
+    after = [r for r in rows if r["step"] > move["step"]]
+    assert after and all(r["capacity/rollout_workers"] == 2 for r in after)
+    assert all(r["capacity/sampling_workers"] == 2 for r in after)  # the new worker got prompts
+    assert all(r["capacity/sampling_workers"] == 1 for r in rows if r["step"] <= move["step"])
+    assert any(r.get("autoscale/acted") == 1 for r in rows)
+    events = [e for e in out["capacity"] if e["event"] == "workers"]
+    assert events == [
+        {**events[0], "step": move["step"], "rollout_workers": 2, "before": 1, "cause": "re-plan"}
+    ]
+
+
+@pytest.mark.slow
+def test_a_node_that_leaves_mid_run_takes_its_worker_and_the_run_goes_on(tmp_path: Path):
+    from vgrpo.local_nodes import elastic_run
+
+    out = elastic_run(tmp_path / "leave", "leave", steps=6, at_step=2)
+    assert out["rc"] == 0, _tail(out["log"])
+    rows, left = out["rows"], out["happened"]["after_step"]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # no step lost or done twice
+    assert all(r["capacity/rollout_workers"] == 2 for r in rows if r["step"] <= left)
+    assert rows[-1]["capacity/rollout_workers"] == 1 and rows[-1]["capacity/sampling_workers"] == 1
+    assert all(r["reward/dropped_groups"] == 0 for r in rows)  # every share sampled, the lost one redone
+    events = [e for e in out["capacity"] if e["event"] == "workers"]
+    assert len(events) == 1 and events[0]["before"] == 2 and events[0]["rollout_workers"] == 1, events
+    assert events[0]["cause"].startswith("workers lost") and events[0]["step"] > left
+    log = Path(out["log"]).read_text(errors="replace")
+    assert "no node has room for a replacement" in log, _tail(out["log"])

@@ -272,8 +272,8 @@ def test_the_window_is_decided_once_per_step_and_reaches_every_learner_shard(tmp
     pending = trainer.launch(roles, step=4)  # type: ignore[arg-type]
     assert pending.window == (fast_window_start(5, 4, 2, (0, 5)), 2)
 
-    def redo_everything(roles, fns, what, version):  # each worker "dies" once: its share is resubmitted
-        return {i: (fn(roles.workers[i]), fn(roles.workers[i]))[1] for i, fn in fns.items()}
+    def redo_everything(roles, fns, what, version, owners):  # each worker "dies" once: its share is redone
+        return {i: (fn(owners[i]), fn(owners[i]))[1] for i, fn in fns.items()}
 
     trainer.on_workers = redo_everything  # type: ignore[method-assign]
     batch = trainer.collect(roles, pending)  # type: ignore[arg-type]

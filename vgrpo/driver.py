@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from vgrpo.capacity import Capacity
 from vgrpo.core.metrics import export_step
 from vgrpo.health import HealthWatch
 from vgrpo.launch import StopRequest, enable_token_auth_if_available, install_stop_handlers, start_ray
@@ -61,6 +62,7 @@ class PendingRollout:
     seeds: list[int]
     refs: list[Any]  # one ObjectRef per worker
     slices: list[tuple[int, int]]  # prompt range [lo, hi) of each worker
+    workers: list[Any]  # the worker each share was sent to
     data_before: dict[str, int]  # the prompt source's position before this step's prompts were drawn
     version: int = 0  # the policy version the workers sample this step with (their last queued update)
     # the SDE window (start, size) of the step (MixGRPO, Flow-GRPO-Fast; None for the other objectives),
@@ -124,7 +126,7 @@ def drop_failed_groups(
     return batch.select_groups(keep), kept_prompts, scores.select(rows), len(bad)
 
 
-class Trainer(RoleCalls, Publishing, Checkpointing):
+class Trainer(RoleCalls, Publishing, Checkpointing, Capacity):
     def __init__(self, cfg: RunConfig, run: RunDir):
         self.cfg, self.run = cfg, run
         from vgrpo.data import PromptSource
@@ -169,6 +171,7 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         self._ema_cache: tuple[int, Any] | None = None  # (version, EMA weights) last fetched
         self._current_cache: tuple[int, Any] | None = None  # (version, trained weights) last fetched
         self.health = HealthWatch()
+        self.init_capacity()
 
     # --- rollout ---------------------------------------------------------------------------------
 
@@ -193,7 +196,15 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
             else:
                 refs.append(None)
         return PendingRollout(
-            step, prompts, seeds, refs, slices, data_before, version=self.version, window=window
+            step,
+            prompts,
+            seeds,
+            refs,
+            slices,
+            list(roles.workers),
+            data_before,
+            version=self.version,
+            window=window,
         )
 
     def collect(self, roles: Roles, pending: PendingRollout) -> RolloutBatch:
@@ -220,11 +231,12 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
             return fn
 
         calls = {i: call(i) for i, ref in enumerate(pending.refs) if ref is not None}
-        got = self.on_workers(roles, calls, f"sampling step {pending.step}", pending.version)
+        owners = {i: pending.workers[i] for i in calls}
+        got = self.on_workers(roles, calls, f"sampling step {pending.step}", pending.version, owners=owners)
         parts = []
         for i in sorted(got):
             lo, hi = pending.slices[i]
-            parts.append(got[i].check(f"rollout worker {i} (step {pending.step})", num_prompts=hi - lo))
+            parts.append(got[i].check(f"rollout share {i} (step {pending.step})", num_prompts=hi - lo))
         versions = sorted({p.policy_version for p in parts})
         if len(versions) > 1:
             raise TrainingError(f"step {pending.step}: the rollout batch mixes policy versions {versions}")
@@ -243,6 +255,8 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         t_rollout = time.perf_counter() - t0
         staleness = check_staleness([batch.policy_version], step, cfg.train.max_staleness)
         oldest = batch.policy_version
+        # nothing is in flight on the workers now: the moment to re-plan capacity (vgrpo/capacity.py)
+        autoscale = self.replan_capacity(roles, step)
         # the overlap: the next step's rollout runs on the workers while this step scores and learns
         if cfg.train.max_staleness >= 1 and step < cfg.train.steps:
             self.pending.append(self.launch(roles, step + 1))
@@ -320,6 +334,9 @@ class Trainer(RoleCalls, Publishing, Checkpointing):
         }
         if pending.window is not None:
             row["rollout/window_start"] = pending.window[0]
+        row.update(autoscale)
+        row["capacity/sampling_workers"] = sum(ref is not None for ref in pending.refs)  # got prompts
+        self.capacity_row(roles, step, row)  # capacity/* metrics; the row measures the split for re-plans
         for name, values in scores.values.items():
             row[f"reward/{name}"] = float(np.mean(values))
         for k in results[0]:

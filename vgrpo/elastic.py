@@ -13,9 +13,9 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from vgrpo.plan import Cluster, Costs, Prediction, Split, Workload, images_each, predict
+from vgrpo.plan import Cluster, Costs, Prediction, Split, Workload, images_each, predict, reward_units
 
 
 @dataclass
@@ -42,11 +42,18 @@ class Decision:
         return out
 
 
-def measured_costs(rows: list[dict[str, Any]], split: Split, work: Workload, cluster: Cluster) -> Costs:
+def measured_costs(
+    rows: list[dict[str, Any]],
+    split: Split,
+    work: Workload,
+    cluster: Cluster,
+    reward_device: Literal["device", "cpu"] = "device",
+) -> Costs:
     """Per-image device-seconds of each role from metric rows (the median over ``rows``), inverting the
     planner's step model for the split that produced them: a rollout worker samples
     ``images_each(work, R)`` images in ``time/sample_compute`` (else ``time/rollout``), the reward replicas
-    score ``ceil(images / W)`` images each in ``time/reward``, a learner rank trains ``images_each(work, L)``
+    score ``ceil(images / units)`` images each in ``time/reward`` (``plan.reward_units``: the reward's
+    devices, or the CPUs a CPU reward has, ``reward_device="cpu"``), a learner rank trains ``images_each(work, L)``
     in ``time/learner``; ``time/weight_sync`` is per step."""
     if not rows:
         raise ValueError("measured_costs: no metric rows to measure from")
@@ -59,12 +66,13 @@ def measured_costs(rows: list[dict[str, Any]], split: Split, work: Workload, clu
             raise ValueError(f"measured_costs: the metric rows have no {key!r}")
         return statistics.median(values)
 
-    reward_units = max(1, split.reward)
+    units = reward_units(reward_device, split, cluster)
     return Costs(
         rollout=med("time/sample_compute", "time/rollout") / images_each(work, split.rollout),
-        reward=med("time/reward") / math.ceil(work.images / reward_units),
+        reward=med("time/reward") / math.ceil(work.images / units),
         learner=med("time/learner") / images_each(work, split.learner),
         weight_sync=med("time/weight_sync"),
+        reward_device=reward_device,
         device=cluster.kind,
         source=f"the run's last {len(rows)} steps (median)",
     )
@@ -96,12 +104,13 @@ def replan(
     cluster: Cluster,
     step: int,
     min_gain: float = 0.1,
+    reward_device: Literal["device", "cpu"] = "device",
 ) -> Decision:
     """Whether to move to the best split of ``devices`` (which may differ from ``current``'s total: a
     node joined or left) under the costs measured in ``rows`` with ``current``; ``act`` when the
     predicted images/s gain is at least ``min_gain`` (or the current split no longer fits ``devices``)."""
     t0 = time.perf_counter()
-    costs = measured_costs(rows, current, work, cluster)
+    costs = measured_costs(rows, current, work, cluster, reward_device)
     now = predict(costs, work, current, cluster)
     best = best_split(costs, work, current.learner, devices, cluster)
     gain = best.images_per_s / now.images_per_s - 1.0 if now.images_per_s > 0 else math.inf

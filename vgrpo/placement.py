@@ -2,13 +2,15 @@
 ``vgrpo train --dry-run`` prints and checks against a cluster. Pure functions of the configuration and a
 description of the cluster's nodes: no Ray, no torch (``cluster_from_address`` alone talks to Ray).
 
-    learner rank i    -> placement-group bundle i       {CPU: cpus_per_rank, GPU: gpus_per_rank, custom}
-    rollout worker j  -> placement-group bundle L + j   {CPU: cpus_per_worker, GPU: gpus_per_worker, custom}
-    reward replica    -> a Serve replica (own actor)    {CPU: cpus, GPU: gpus (fractions share), custom}
+    learner rank i    -> bundle i of the learners' placement group   {CPU: cpus_per_rank, GPU: gpus_per_rank, custom}
+    rollout worker j  -> a one-bundle placement group of its own    {CPU: cpus_per_worker, GPU: gpus_per_worker, custom}
+    reward replica    -> a Serve replica (own actor)                {CPU: cpus, GPU: gpus (fractions share), custom}
     driver            -> the process running `vgrpo train` (no Ray resources)
 
-The placement group is created first, then Serve places the reward replicas on what is left; the fit
-check follows that order, packing first-fit-decreasing onto the nodes described.
+The learners' group is created first (``resources.placement_strategy`` applies to it), then one group per
+rollout worker (so that a worker can be added, removed or replaced alone: vgrpo/capacity.py), then Serve
+places the reward replicas on what is left; the fit check follows that order, packing first-fit-decreasing
+onto the nodes described.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def actor_resources(cpus: float, gpus: float, custom: dict[str, float] | None = 
 
 
 def placement_bundles(cfg: RunConfig) -> list[Resources]:
-    """The run's placement-group bundles: learner ranks first (bundle i = rank i), then rollout workers
-    (bundle L + j = worker j). The driver's ``Roles`` creates its placement group from exactly this list."""
+    """The run's placement-group bundles: learner ranks first (bundle i = rank i: the learners' group),
+    then rollout workers (entry L + j = worker j's own group). The driver's ``Roles`` creates its groups
+    from exactly this list."""
     lc, r = cfg.learner, cfg.rollout
     learner = actor_resources(lc.cpus_per_rank, lc.gpus_per_rank, lc.custom_resources)
     worker = actor_resources(r.cpus_per_worker, r.gpus_per_worker, r.custom_resources)
@@ -347,6 +350,7 @@ def plan_placement(
     ]
     plan.demands = pg + serve
     plan.notes = balance_notes(cfg)
+    ranks = cfg.learner.num_ranks
 
     need, have = plan.needed(), plan.available()
     short = [k for k in sorted(need, key=_order) if need[k] > have.get(k, 0.0) + EPS]
@@ -361,15 +365,15 @@ def plan_placement(
 
     free = [dict(n) for n in nodes]
     strict = strategy == "STRICT_PACK"
-    stuck = _pack(pg, free, single_node=strict)
+    stuck = _pack(pg[:ranks], free, single_node=strict)
     whole_group = strict and stuck is not None
-    stuck = stuck or _pack(serve, free)
+    stuck = stuck or _pack(pg[ranks:], free) or _pack(serve, free)
     if stuck is not None:
-        req = _sum(d.resources for d in pg) if whole_group else stuck.resources
+        req = _sum(d.resources for d in pg[:ranks]) if whole_group else stuck.resources
         most = {k: max(n.get(k, 0.0) for n in free) for k in req}
         plan.short = [k for k in sorted(req, key=_order) if most[k] + EPS < req[k]] or list(req)
         what = (
-            f"the placement group ({_fmt(req)}; STRICT_PACK: all learner and rollout bundles on one node)"
+            f"the learners' placement group ({_fmt(req)}; STRICT_PACK: all learner ranks on one node)"
             if whole_group
             else f"{stuck.label} ({_fmt(req)})"
         )
@@ -378,6 +382,12 @@ def plan_placement(
             f"short of {', '.join(plan.short)} on any one node: {what} fits on no node{after} "
             f"(most left on a node: {_fmt(most)})"
         )
+        pinned = sorted(set(cfg.rollout.custom_resources) - set(cfg.learner.custom_resources))
+        if pinned and stuck in pg[ranks:]:
+            plan.problem += (
+                f"; the learners' group is placed first and may take the nodes that hold {', '.join(pinned)}: "
+                f"fix: pin it elsewhere with learner.custom_resources"
+            )
     return plan
 
 
@@ -399,6 +409,7 @@ def balance_notes(cfg: RunConfig) -> list[str]:
 def format_plan(plan: Plan) -> str:
     """The plan as a table for the terminal; the last line says whether it fits."""
     have = plan.available()
+    workers = sum(g.count for g in plan.groups if g.role == "rollout")
     if plan.aggregate:
         cluster = f"{_fmt(have)} in all ({plan.source}; per-node packing unchecked: give a per-node list)"
     else:
@@ -406,16 +417,16 @@ def format_plan(plan: Plan) -> str:
     lines = [
         "placement plan (dry run: nothing started)",
         f"  cluster:  {cluster}",
-        f"  strategy: {plan.strategy} (one placement group of {len(plan.bundles)} bundles: learner ranks, "
-        "then rollout workers)",
+        f"  strategy: {plan.strategy} (the learners' placement group of {len(plan.bundles) - workers} "
+        f"bundle{'s' * (len(plan.bundles) - workers != 1)}; each rollout worker its own)",
         "",
         f"  {'role':<22}{'actors':>7}  {'per actor':<28}{'total':<30}where",
     ]
-    b = 0
     for g in plan.groups:
-        if g.in_placement_group:
-            where = f"bundles {b}..{b + g.count - 1}" if g.count > 1 else f"bundle {b}"
-            b += g.count
+        if g.role == "learner":
+            where = f"bundles 0..{g.count - 1}" if g.count > 1 else "bundle 0"
+        elif g.in_placement_group:
+            where = "own groups" if g.count > 1 else "own group"
         else:
             where = "own actors"
         lines.append(f"  {g.role:<22}{g.count:>7}  {_fmt(g.per_actor):<28}{_fmt(g.total()):<30}{where}")

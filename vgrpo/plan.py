@@ -1482,26 +1482,32 @@ def allreduce_s(costs: Costs, cluster: Cluster, ranks: int) -> float:
     return 2 * (ranks - 1) / ranks * costs.grad_bytes / (bw * 1e9)
 
 
+def reward_units(reward_device: str, split: Split, cluster: Cluster) -> int:
+    """How many units score a step's images in parallel: the reward's devices; on a GPU cluster a CPU
+    reward's free CPUs (one per GPU actor taken); on a CPU machine a reward without devices of its own
+    shares the cores with the other roles (one unit, the phases' times add up)."""
+    if reward_device == "cpu" and cluster.kind == "GPU":
+        cpus = cluster.cpus if cluster.cpus is not None else 8 * cluster.devices
+        return max(1, cpus - split.rollout - split.learner)  # one CPU per GPU actor
+    if split.reward < 1 and cluster.kind == "CPU":
+        return 1
+    if split.reward < 1:
+        raise PlanError("this reward runs on the devices: a split needs at least 1 reward device")
+    return split.reward
+
+
 def predict(costs: Costs, work: Workload, split: Split, cluster: Cluster) -> Prediction:
     """Seconds per step of one split under the driver's pipeline (module docstring)."""
     if split.rollout < 1 or split.learner < 1:
         raise PlanError("a split needs at least 1 rollout and 1 learner device")
     t_roll = images_each(work, split.rollout) * costs.rollout
-    if costs.reward_device == "cpu" and cluster.kind == "GPU":
-        cpus = cluster.cpus if cluster.cpus is not None else 8 * cluster.devices
-        reward_units = max(1, cpus - split.rollout - split.learner)  # one CPU per GPU actor
-    elif split.reward < 1 and cluster.kind == "CPU":
-        reward_units = 1  # shares the cores of the other roles (the phases' times add up below)
-    else:
-        if split.reward < 1:
-            raise PlanError("this reward runs on the devices: a split needs at least 1 reward device")
-        reward_units = split.reward
-    t_rew = math.ceil(work.images / reward_units) * costs.reward
+    units = reward_units(costs.reward_device, split, cluster)
+    t_rew = math.ceil(work.images / units) * costs.reward
     t_learn = images_each(work, split.learner) * costs.learner + allreduce_s(costs, cluster, split.learner)
     t_sync = costs.weight_sync
     cap = cluster.capacity
     if cap:  # time-shared devices: n busy actors run at most cap / n of full speed
-        work_s = split.rollout * t_roll + split.learner * t_learn + t_rew * min(reward_units, cap)
+        work_s = split.rollout * t_roll + split.learner * t_learn + t_rew * min(units, cap)
         t_roll *= max(1.0, split.rollout / cap)
         t_learn *= max(1.0, split.learner / cap)
     stages = {"rollout": t_roll, "reward": t_rew, "learner": t_learn, "weight_sync": t_sync}

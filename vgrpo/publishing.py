@@ -25,7 +25,7 @@ class Publishing:
     _ema_cache: tuple[int, Any] | None
     _current_cache: tuple[int, Any] | None
 
-    on_workers: Callable[[Roles, dict[int, Any], str, int], dict[int, Any]]  # RoleCalls
+    on_workers: Callable[..., dict[int, Any]]  # RoleCalls
     on_learners: Callable[[Roles, list[Any], str, int], list[Any]]  # RoleCalls
     resume_hint: Callable[[], str]  # RoleCalls
 
@@ -63,7 +63,7 @@ class Publishing:
         updates = {i: (lambda w: w.update_weights.remote(weights_ref)) for i in range(len(roles.workers))}
         self.version = step
         if cfg.train.max_staleness == 0:
-            self.on_workers(roles, updates, f"update_weights to version {step}", step)
+            self.on_workers(roles, updates, f"update_weights to version {step}", step, redo_elsewhere=False)
         else:  # not awaited: a worker applies it before its next batch; one that died meanwhile is
             for fn, w in zip(updates.values(), roles.workers, strict=True):  # replaced when that batch fails
                 fn(w)
@@ -151,18 +151,34 @@ class Publishing:
         deferred = [
             i
             for i, (state, _) in redo.items()
-            if state == "dead" and any(i < len(p.refs) and p.refs[i] is not None for p in self.pending)
+            if state == "dead"
+            and any(
+                w is roles.workers[i] and ref is not None
+                for p in self.pending
+                for w, ref in zip(p.workers, p.refs, strict=True)
+            )
         ]
-        alive = {}
-        for i, (state, _) in redo.items():
-            if i in deferred:
-                continue
-            if state in ("dead", "hung"):
-                roles.replace_worker(i, step, weights)
-            else:
-                alive[i] = lambda w: w.update_weights.remote(weights)
+        stale = [
+            roles.workers[i]
+            for i, (state, _) in redo.items()
+            if i not in deferred and state in ("dead", "hung")
+        ]
+        alive = [
+            roles.workers[i]
+            for i, (state, _) in redo.items()
+            if i not in deferred and state not in ("dead", "hung")
+        ]
+        for worker in stale:  # a replacement loaded with this version, or gone when no node has room
+            roles.replace_worker(worker, step, weights)
         if alive:
-            self.on_workers(roles, alive, f"update_weights to version {step} (broadcast fallback)", step)
+            self.on_workers(
+                roles,
+                {k: (lambda w: w.update_weights.remote(weights)) for k in range(len(alive))},
+                f"update_weights to version {step} (broadcast fallback)",
+                step,
+                owners=dict(enumerate(alive)),
+                redo_elsewhere=False,
+            )
         roles.sync_members = None  # rebuilt before the next broadcast; now, unless a member is still dead
         if not deferred:
             roles.ensure_weight_sync()

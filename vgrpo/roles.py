@@ -80,7 +80,9 @@ KEPT_BY_LEARNER = "kept by learner rank 0"
 
 
 class Roles:
-    """The actors of one run: a placement group, R rollout workers, L learner ranks, the reward servers."""
+    """The actors of one run: L learner ranks in one placement group (a DeepSpeed group is placed, and
+    lives, as a whole), R rollout workers each in a one-bundle placement group of its own (so that one can
+    be added, removed or replaced alone: docs/training.md "Capacity during a run"), the reward servers."""
 
     def __init__(self, cfg: RunConfig, timeout_s: float):
         from ray.util.placement_group import placement_group
@@ -89,25 +91,26 @@ class Roles:
         from vgrpo.learner.actor import LearnerActor
         from vgrpo.learner.objectives import build_objective
         from vgrpo.reward_servers.serve import RewardClient, deploy_rewards
-        from vgrpo.rollout_workers.actor import RolloutWorker
 
         self.cfg, self.timeout_s = cfg, timeout_s
         r, lc = cfg.rollout, cfg.learner
         bundles = placement.placement_bundles(cfg)  # the plan `vgrpo train --dry-run` prints
-        self.pg = placement_group(bundles, strategy=cfg.resources.placement_strategy, name="vgrpo")
+        self.learner_bundles, self.worker_bundle = bundles[: lc.num_ranks], bundles[lc.num_ranks :][:1]
+        self.pg = placement_group(
+            self.learner_bundles, strategy=cfg.resources.placement_strategy, name="vgrpo"
+        )
         self.get(self.pg.ready(), "placement group (resources: " + json.dumps(bundles) + ")")
 
-        def at(i: int) -> PlacementGroupSchedulingStrategy:
-            return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
-
         self.objective = build_objective(cfg.algorithm)
-        threads = cfg.resources.torch_threads or auto_threads(cfg)
+        self.threads = cfg.resources.torch_threads or auto_threads(cfg)
         self.learners = [
             LearnerActor.options(
                 num_cpus=lc.cpus_per_rank,
                 num_gpus=lc.gpus_per_rank,
                 resources=dict(lc.custom_resources) or None,
-                scheduling_strategy=at(i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=i
+                ),
             ).remote(
                 cfg.model,
                 lc,
@@ -117,32 +120,19 @@ class Roles:
                 world_size=lc.num_ranks,
                 total_steps=cfg.train.steps,
                 seed=cfg.train.seed,
-                threads=threads,
+                threads=self.threads,
             )
             for i in range(lc.num_ranks)
         ]
-        noise = float(getattr(cfg.algorithm.params(), "noise_level", 0.7))
-
-        def new_worker(i: int) -> Any:
-            """Rollout worker i in placement-group bundle L + i (also where a replacement goes)."""
-            return RolloutWorker.options(
-                num_cpus=r.cpus_per_worker,
-                num_gpus=r.gpus_per_worker,
-                resources=dict(r.custom_resources) or None,
-                scheduling_strategy=at(lc.num_ranks + i),
-            ).remote(
-                cfg.model,
-                r,
-                cfg.sampler(),
-                noise_level=noise,
-                seed=cfg.train.seed,
-                threads=threads,
-                sigma_grid=cfg.sigma_grid(),
-            )
-
-        self._new_worker = new_worker
-        self.workers = [new_worker(i) for i in range(r.num_workers)]
+        self.workers: list[Any] = []  # the live rollout workers, in the order prompts are split over them
+        self.worker_pgs: list[Any] = []  # each worker's own placement group
+        self.worker_ids: list[int] = []  # stable names: "rollout worker <id>" in logs
+        self._next_id = 0
         self.replacements = 0
+        for _ in range(r.num_workers):  # at start-up every configured worker must be placed
+            placed = self._place_worker(timeout_s, required=True)
+            assert placed is not None  # required: raised instead
+            self._append(*placed)
         addr, port = self.get(self.learners[0].rendezvous_address.remote(), "learner rank 0 (start-up)")
         infos = self.get(
             [
@@ -161,6 +151,143 @@ class Roles:
             self.build_weight_sync()
         handles = deploy_rewards(cfg.reward, quiet=True)
         self.rewards = RewardClient(handles, cfg.reward)
+        self.reward_replicas = {name: placement.reward_replicas(cfg.reward.server(name)) for name in handles}
+
+    # --- rollout workers, one placement group each ----------------------------------------------------
+
+    def _place_worker(self, wait_s: float, required: bool = False) -> tuple[Any, Any] | None:
+        """A new rollout worker in a one-bundle placement group of its own, or None when no node has room
+        for the bundle within ``wait_s`` (the group is removed again; ``required``: a TrainingError naming
+        the resources instead). The worker starts loading the policy; :meth:`ready` tells when it is done."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from vgrpo.rollout_workers.actor import RolloutWorker
+
+        cfg, r = self.cfg, self.cfg.rollout
+        pg = placement_group(self.worker_bundle, name=f"vgrpo-rollout-{self._next_id}")
+        ready, _ = ray.wait([pg.ready()], timeout=wait_s)
+        if not ready:
+            remove_placement_group(pg)
+            if required:
+                raise TrainingError(
+                    f"rollout worker {self._next_id}: no node has room for its resources "
+                    f"{json.dumps(self.worker_bundle[0])} within {wait_s:.0f} s (the learner group holds "
+                    f"{json.dumps(self.learner_bundles)}); fix: fewer rollout.num_workers, smaller "
+                    "rollout.cpus_per_worker/gpus_per_worker, or a larger cluster (`vgrpo train --dry-run` "
+                    "prints the plan)"
+                )
+            return None
+        noise = float(getattr(cfg.algorithm.params(), "noise_level", 0.7))
+        worker = RolloutWorker.options(
+            num_cpus=r.cpus_per_worker,
+            num_gpus=r.gpus_per_worker,
+            resources=dict(r.custom_resources) or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=0
+            ),
+        ).remote(
+            cfg.model,
+            r,
+            cfg.sampler(),
+            noise_level=noise,
+            seed=cfg.train.seed,
+            threads=self.threads,
+            sigma_grid=cfg.sigma_grid(),
+        )
+        return worker, pg
+
+    def _append(self, worker: Any, pg: Any) -> None:
+        self.workers.append(worker)
+        self.worker_pgs.append(pg)
+        self.worker_ids.append(self._next_id)
+        self._next_id += 1
+
+    def name(self, worker: Any) -> str:
+        """``rollout worker <id>``: a worker's name for as long as the run lasts (positions shift when one
+        leaves)."""
+        for w, wid in zip(self.workers, self.worker_ids, strict=True):
+            if w is worker:
+                return f"rollout worker {wid}"
+        return "rollout worker (gone)"
+
+    def _release(self, i: int) -> None:
+        """Kill worker i (dead already, or hung) and remove its placement group; the lists drop it."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        with contextlib.suppress(Exception):
+            ray.kill(self.workers[i], no_restart=True)
+        with contextlib.suppress(Exception):
+            remove_placement_group(self.worker_pgs[i])
+        del self.workers[i], self.worker_pgs[i], self.worker_ids[i]
+
+    def _load(self, worker: Any, name: str, weights: Any) -> None:
+        self.get(worker.ready.remote(), f"{name} (loading the policy)")
+        if weights is not None:
+            self.get(worker.update_weights.remote(weights), f"{name} (weights)")
+
+    def add_workers(self, n: int, weights: Any, wait_s: float) -> int:
+        """Up to ``n`` new rollout workers, each in its own placement group, loaded with ``weights`` (the
+        current version's published update; None: the starting policy). Stops at the first that no node
+        can take within ``wait_s``. Returns how many joined."""
+        added = 0
+        for _ in range(n):
+            placed = self._place_worker(wait_s)
+            if placed is None:
+                break
+            worker, pg = placed
+            self._load(worker, f"rollout worker {self._next_id} (added)", weights)
+            self._append(worker, pg)
+            added += 1
+        return added
+
+    def remove_workers(self, n: int) -> int:
+        """Remove the last ``n`` rollout workers (never the last one); returns how many left. Only between
+        steps: no call of theirs is in flight."""
+        n = min(n, len(self.workers) - 1)
+        for _ in range(n):
+            self._release(len(self.workers) - 1)
+        return max(0, n)
+
+    def replace_worker(self, worker: Any, version: int, weights: Any) -> Any | None:
+        """A dead (or hung) rollout worker replaced by a new one in a new placement group, loaded with
+        policy ``version`` (``weights``: its published ``WeightUpdate`` or an ObjectRef of it; None for the
+        starting policy); returns the new worker in the dead one's position. When no node has room within
+        train.placement_wait_s (its node left the cluster and the others are full) the worker leaves the
+        run instead and None is returned: the caller redoes its share on the others."""
+        i = next(k for k, w in enumerate(self.workers) if w is worker)
+        wid = self.worker_ids[i]
+        self._release(i)
+        self.replacements += 1
+        placed = self._place_worker(self.cfg.train.placement_wait_s)
+        if placed is None:
+            log.warning(
+                "rollout worker %d: no node has room for a replacement (%s) within %.0f s "
+                "(train.placement_wait_s); the run goes on with %d rollout worker(s)",
+                wid,
+                json.dumps(self.worker_bundle[0]),
+                self.cfg.train.placement_wait_s,
+                len(self.workers),
+            )
+            return None
+        new, pg = placed
+        self._load(new, f"rollout worker {wid} (replacement)", weights)
+        self.workers.insert(i, new)
+        self.worker_pgs.insert(i, pg)
+        self.worker_ids.insert(i, wid)
+        return new
+
+    # --- rewards ---------------------------------------------------------------------------------------
+
+    def scale_reward(self, name: str, replicas: int) -> None:
+        """Reward ``name`` served by ``replicas`` replicas: its Serve application is redeployed with the new
+        count (Serve starts or stops replicas; the others keep serving). docs/training.md."""
+        from vgrpo.reward_servers.serve import rescale_reward
+
+        rescale_reward(self.cfg.reward, name, replicas)
+        self.reward_replicas[name] = replicas
 
     def get(self, refs: Any, role: str, timeout: float | None = None, names: list[str] | None = None) -> Any:
         """ray.get with a timeout (train.timeout_s for the whole wait). The first failure surfaces at once
@@ -215,15 +342,13 @@ class Roles:
                 self.get(
                     [w.ready.remote() for w in self.workers],
                     "rollout workers (before the weight-sync group)",
-                    names=[
-                        f"rollout worker {i} (before the weight-sync group)" for i in range(len(self.workers))
-                    ],
+                    names=[f"{self.name(w)} (before the weight-sync group)" for w in self.workers],
                 )
             except ActorLost as e:
                 log.warning(
-                    "rollout worker %d is dead (%s): this step's weights go by the object store (which "
-                    "replaces it); the weight-broadcast group is built at the next step, with its replacement",
-                    e.index,
+                    "%s is dead (%s): this step's weights go by the object store (which replaces it); the "
+                    "weight-broadcast group is built at the next step, with its replacement",
+                    self.name(self.workers[e.index]),
                     e.reason,
                 )
                 return False
@@ -238,7 +363,7 @@ class Roles:
                 for i, w in enumerate(self.workers)
             ]
             names = ["learner rank 0 (join weight sync)"]
-            names += [f"rollout worker {i} (join weight sync)" for i in range(len(self.workers))]
+            names += [f"{self.name(w)} (join weight sync)" for w in self.workers]
             self.get(refs, "weight-sync group", names=names)
         except TrainingError as e:
             log.warning(
@@ -267,20 +392,6 @@ class Roles:
         ):
             return self.build_weight_sync()
         return True
-
-    def replace_worker(self, i: int, version: int, weights: Any) -> None:
-        """A new rollout worker i in the dead one's placement-group bundle, holding policy ``version``
-        (``weights``: its published ``WeightUpdate`` or an ObjectRef of it; None for the starting policy)."""
-        import ray
-
-        with contextlib.suppress(Exception):  # dead already, or hung: release its bundle
-            ray.kill(self.workers[i], no_restart=True)
-        self.replacements += 1
-        w = self._new_worker(i)
-        self.get(w.ready.remote(), f"rollout worker {i} (replacement, loading the policy)")
-        if weights is not None:
-            self.get(w.update_weights.remote(weights), f"rollout worker {i} (replacement weights)")
-        self.workers[i] = w
 
     def dead_learner_ranks(self, probe_s: float = 10.0) -> list[int]:
         """Ranks whose actor is dead. A live rank answers ``ready`` or is busy (stuck in a collective with
@@ -315,7 +426,9 @@ class Roles:
                 log.warning("reward servers did not shut down cleanly: %s", e)
         for a in self.workers + self.learners:
             ray.kill(a)
-        ray.util.remove_placement_group(self.pg)
+        for pg in [*self.worker_pgs, self.pg]:
+            with contextlib.suppress(Exception):  # a node that left took its group with it
+                ray.util.remove_placement_group(pg)
 
 
 class RoleCalls:
@@ -329,40 +442,90 @@ class RoleCalls:
 
     # --- rollout workers that die --------------------------------------------------------------------
 
-    def on_workers(self, roles: Roles, calls: dict[int, Any], what: str, version: int) -> dict[int, Any]:
-        """Run ``calls[i](worker i)`` and wait for all. A worker that dies is replaced (a new actor in its
-        placement-group bundle, loaded with policy ``version``, the one the call expects) and its call
-        redone; then it is brought up to the current version. Gives up after
-        MAX_WORKER_REPLACEMENTS_PER_STEP deaths in one call."""
-        refs = {i: fn(roles.workers[i]) for i, fn in calls.items()}
+    def on_workers(
+        self,
+        roles: Roles,
+        calls: dict[int, Any],
+        what: str,
+        version: int,
+        owners: dict[int, Any] | None = None,
+        redo_elsewhere: bool = True,
+    ) -> dict[int, Any]:
+        """Run ``calls[k](owners[k])`` (default owner: ``roles.workers[k]``) and wait for all. A worker that
+        dies is replaced (a new actor in a new placement group, loaded with policy ``version``, the one the
+        calls expect) and its calls redone; then it is brought up to the current version. When no node has
+        room for a replacement (its node left the cluster) the worker leaves the run and its calls are redone
+        on the live worker with the fewest (``redo_elsewhere``: a share of the step must not be lost; that
+        worker samples it with ``version`` and returns to the current one), or dropped (a weight update meant
+        for the dead worker only). Gives up when more than MAX_WORKER_REPLACEMENTS_PER_STEP of the actors
+        this call started or handed a share to die too, or when no rollout worker is left."""
+        owner = dict(owners) if owners is not None else {k: roles.workers[k] for k in calls}
+        refs = {k: fn(owner[k]) for k, fn in calls.items()}
+        fresh: set[int] = set()  # ids of the actors given a share here: their deaths count
         deaths = 0
-        while True:
+        while refs:
             order = list(refs)
             try:
                 values = roles.get(
-                    [refs[i] for i in order], what, names=[f"rollout worker {i} ({what})" for i in order]
+                    [refs[k] for k in order], what, names=[f"{roles.name(owner[k])} ({what})" for k in order]
                 )
                 return dict(zip(order, values, strict=True))
             except ActorLost as e:
-                i = order[e.index]
-                deaths += 1
+                dead = owner[order[e.index]]
+                name = roles.name(dead)
+                if id(dead) in fresh:
+                    deaths += 1
                 if deaths > MAX_WORKER_REPLACEMENTS_PER_STEP:
                     raise TrainingError(
-                        f"rollout worker {i} ({what}) died again: {deaths} deaths in one call, the last "
-                        f"{e.reason}; not replacing it any more. " + self.resume_hint()
+                        f"{name} ({what}) died again: {deaths} deaths in one call, the last {e.reason}; not "
+                        "replacing it any more. " + self.resume_hint()
                     ) from None
+                mine = [k for k in refs if owner[k] is dead]
+                known = any(w is dead for w in roles.workers)  # else replaced or gone in an earlier call
                 log.warning(
-                    "rollout worker %d died during %s (%s); replacing it in its placement-group bundle "
-                    "with policy version %d and redoing its share",
-                    i,
+                    "%s died during %s (%s); %s",
+                    name,
                     what,
                     e.reason,
-                    version,
+                    f"replacing it with policy version {version} and redoing its share"
+                    if known
+                    else "redoing its share",
                 )
-                roles.replace_worker(i, version, self.weights_for(roles, version))
-                refs[i] = calls[i](roles.workers[i])
-                if version < self.version:  # the redone share sampled `version`; now catch up
-                    roles.workers[i].update_weights.remote(self.weights_for(roles, self.version))
+                new = roles.replace_worker(dead, version, self.weights_for(roles, version)) if known else None
+                if new is not None:
+                    fresh.add(id(new))
+                    for k in mine:
+                        owner[k], refs[k] = new, calls[k](new)
+                    if version < self.version:  # the redone share sampled `version`; now catch up
+                        new.update_weights.remote(self.weights_for(roles, self.version))
+                    continue
+                if not roles.workers:
+                    raise TrainingError(
+                        f"{name} died during {what} ({e.reason}) and no rollout worker is left: no node has "
+                        f"room for one ({json.dumps(roles.worker_bundle[0])}). " + self.resume_hint()
+                    ) from None
+                for k in mine:
+                    del refs[k]
+                    if not redo_elsewhere:
+                        continue
+                    host = min(roles.workers, key=lambda w: sum(owner[j] is w for j in refs))
+                    owner[k] = host
+                    fresh.add(id(host))
+                    # actor calls run in order: sample the share with its version, then return to the current
+                    if version != self.version:
+                        host.update_weights.remote(self.exact_weights(roles, version))
+                    refs[k] = calls[k](host)
+                    if version != self.version:
+                        host.update_weights.remote(self.exact_weights(roles, self.version))
+                    log.warning("%s's share of %s goes to %s", name, what, roles.name(host))
+        return {}
+
+    def exact_weights(self, roles: Roles, version: int) -> Any:
+        """The weights of ``version`` to load into a worker that holds another one: ``weights_for``'s, and
+        for the starting policy (None there: a new worker holds it already) learner rank 0's copy (kept
+        when train.max_staleness >= 1, the only case in which a share of version 0 is redone late)."""
+        weights = self.weights_for(roles, version)
+        return weights if weights is not None else roles.learners[0].published_weights.remote(version)
 
     def resume_hint(self) -> str:
         ckpts = self.run.checkpoint_dirs()

@@ -50,7 +50,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Delete what a run wrote here (``--overwrite``), keeping the directory itself."""
-        for name in ("metrics.jsonl", "config.yaml", "report.html"):
+        for name in ("metrics.jsonl", "capacity.jsonl", "config.yaml", "report.html"):
             (self.root / name).unlink(missing_ok=True)
         for folder in (self.checkpoints, self.samples, self.root / "tb"):
             shutil.rmtree(folder, ignore_errors=True)
@@ -183,7 +183,7 @@ class Checkpointing:
     tb: Any
     _last_batch: Any
 
-    on_workers: Callable[[Roles, dict[int, Any], str, int], dict[int, Any]]  # RoleCalls
+    on_workers: Callable[..., dict[int, Any]]  # RoleCalls
     on_learners: Callable[[Roles, list[Any], str, int], list[Any]]  # RoleCalls
     _publish: Callable[[int, Any], Any]  # Publishing
     current_weights: Callable[[Roles, int], Any]  # Publishing
@@ -299,6 +299,7 @@ class Checkpointing:
             {i: (lambda w: w.update_weights.remote(weights)) for i in range(len(roles.workers))},
             "resume",
             step,
+            redo_elsewhere=False,
         )
         self.run.truncate_metrics(step)
         return step
