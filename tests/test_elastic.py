@@ -154,3 +154,68 @@ def test_a_node_that_leaves_mid_run_takes_its_worker_and_the_run_goes_on(tmp_pat
     assert events[0]["cause"].startswith("workers lost") and events[0]["step"] > left
     log = Path(out["log"]).read_text(errors="replace")
     assert "no node has room for a replacement" in log, _tail(out["log"])
+
+
+class StandInRoles:
+    """What the re-planner acts on: workers, reward replicas; ``room`` new workers fit on the nodes."""
+
+    def __init__(self, workers: int, replicas: dict[str, int], room: int):
+        self.workers = [f"w{i}" for i in range(workers)]
+        self.reward_replicas = dict(replicas)
+        self.room, self.ops = room, []
+
+    def remove_workers(self, n: int) -> int:
+        self.ops.append(("remove", n))
+        del self.workers[len(self.workers) - n :]
+        return n
+
+    def add_workers(self, n: int, weights, wait_s: float) -> int:
+        k = min(n, self.room)
+        self.ops.append(("add", n, weights))
+        self.workers += [f"new{i}" for i in range(k)]
+        return k
+
+    def scale_reward(self, name: str, n: int) -> None:
+        self.ops.append(("scale", name, n))
+        self.reward_replicas[name] = n
+
+
+def capacity_of(tmp_path: Path, sets: list[str]):
+    from types import SimpleNamespace
+
+    from vgrpo.capacity import Capacity
+    from vgrpo.proto.config import load_config
+
+    c = Capacity()
+    c.cfg = load_config(None, sets)
+    c.run = SimpleNamespace(root=tmp_path)
+    c.version = 7
+    c.weights_for = lambda roles, v: f"weights-v{v}"
+    c.init_capacity()
+    return c
+
+
+def test_a_move_frees_devices_first_then_adds_loaded_with_the_current_version(tmp_path: Path, caplog):
+    gpu = [
+        "rollout.gpus_per_worker=1",
+        "reward.servers.shapes.gpus=1",
+        "reward.servers.shapes.max_replicas=8",
+    ]
+    c = capacity_of(tmp_path, gpu)
+    roles = StandInRoles(workers=2, replicas={"shapes": 4}, room=1)
+    assert c.scaled_rewards(roles) == {"shapes": 4}  # a GPU reward with a fixed count is the planner's
+    with caplog.at_level("WARNING", logger="vgrpo"):
+        done = c.apply_split(roles, workers=4, replicas=2, scaled={"shapes": 4})
+    # the reward gives its GPUs back before workers are placed on them; only 1 of 2 workers found room
+    assert roles.ops == [("scale", "shapes", 2), ("add", 2, "weights-v7")]
+    assert done == {"rollout_workers": [2, 3], "reward_replicas": {"shapes": [4, 2]}}
+    assert "1 of 2 rollout worker(s) added" in caplog.text
+    # the other way: workers go first, then the reward grows (within its max_replicas)
+    roles.ops.clear()
+    c.apply_split(roles, workers=1, replicas=12, scaled={"shapes": 2})
+    assert roles.ops == [("remove", 2), ("scale", "shapes", 8)]
+    # a CPU run's reward, or one Serve autoscales, is not moved
+    cpu = capacity_of(tmp_path, [])
+    assert cpu.scaled_rewards(StandInRoles(1, {"shapes": 1}, 0)) == {}
+    auto = capacity_of(tmp_path, [*gpu, "reward.servers.shapes.num_replicas=auto"])
+    assert auto.scaled_rewards(StandInRoles(1, {"shapes": 1}, 0)) == {}

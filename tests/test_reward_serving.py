@@ -299,3 +299,38 @@ def test_the_ingress_bounds_bodies_and_images(served: Any, png_header: Any) -> N
     bomb = base64.b64encode(png_header(10000, 10000)).decode()
     status, reply = _post(url, json.dumps({"items": [{"image_b64": bomb, "prompt": "x"}]}).encode())
     assert status == 400 and "10000 x 10000" in reply["error"] and "cap" in reply["error"]
+
+
+def test_a_reward_rescaled_mid_run_keeps_its_running_replica(served: Any) -> None:
+    """The capacity re-planner's move on a reward (vgrpo/capacity.py): a redeploy with another replica
+    count starts the difference and keeps the replica that was serving (no reload of its model)."""
+    from ray import serve
+
+    rs, cfg, handles, _ = served
+    handle = handles["test-brightness"]
+
+    def pids(n: int = 24) -> set[int]:
+        return {handle.describe.remote().result()["pid"] for _ in range(n)}
+
+    def running() -> int:
+        app = serve.status().applications[rs.app_name("test-brightness")]
+        return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+
+    before = pids()
+    assert len(before) == 1 and running() == 1
+    try:
+        rs.rescale_reward(cfg, "test-brightness", 2)
+        assert running() == 2
+        after = pids(48)
+        assert before < after and len(after) == 2  # the old replica still serves, beside a new one
+        one = RewardConfig(weights={"test-brightness": 1.0}, timeout_s=30)
+        client = rs.RewardClient({"test-brightness": handle}, one)
+        images = np.full((2, 8, 8, 3), 51, np.uint8)
+        scores = client.score(images, ["a", "b"])
+        np.testing.assert_allclose(scores.values["test-brightness"], [0.2, 0.2])
+    finally:
+        rs.rescale_reward(cfg, "test-brightness", 1)
+    deadline = time.monotonic() + 60
+    while running() != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running() == 1

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ class Node:
 
 @dataclass
 class LocalCluster:
-    """A head (``start``) and worker nodes (``join``) on 127.0.0.1 under ``root`` (logs, Ray's temp dir).
+    """A head (``start``) and worker nodes (``join``) on 127.0.0.1; their logs under ``root``.
     ``object_store_mb`` per node keeps three nodes within a small machine's memory."""
 
     root: Path
@@ -50,6 +52,7 @@ class LocalCluster:
     object_store_mb: int = 400
     port: int = 0
     nodes: list[Node] = field(default_factory=list)
+    ray_dir: Path | None = None  # Ray's temp dir: short, under /tmp (unix socket paths must fit 107 bytes)
 
     @property
     def address(self) -> str:
@@ -103,6 +106,7 @@ class LocalCluster:
         # a head started where a Ray token exists turns token authentication on: the nodes that join it
         # (and this process, if it connects) need RAY_AUTH_MODE=token, inherited from here
         enable_token_auth_if_available()
+        self.ray_dir = Path(tempfile.mkdtemp(prefix="vgrpo-nodes-", dir="/tmp"))
         self.port = free_port()
         args = [
             "--head",
@@ -110,7 +114,7 @@ class LocalCluster:
             f"--num-cpus={self.head_cpus}",
             "--num-gpus=0",
             "--include-dashboard=false",
-            f"--temp-dir={self.root / 'ray'}",
+            f"--temp-dir={self.ray_dir}",
         ]
         if self.head_resources:
             args.append(f"--resources={json.dumps(self.head_resources)}")
@@ -158,6 +162,8 @@ class LocalCluster:
         for node in reversed(self.nodes):
             self._end(node, grace_s=15.0)
         self.nodes.clear()
+        if self.ray_dir is not None:
+            shutil.rmtree(self.ray_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
