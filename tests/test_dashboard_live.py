@@ -222,6 +222,11 @@ def test_every_dashboard_query_returns_data(
         "train.samples_every=1000",
         "observability.progress=plain",
         "observability.report=false",
+        # a re-plan from step 4 on feeds the "Capacity" row; capped at one worker so it never moves
+        "train.autoscale.enabled=true",
+        "train.autoscale.every=2",
+        "train.autoscale.window=1",
+        "train.autoscale.max_rollout_workers=1",
     ]
     cmd = [sys.executable, "-c", "from vgrpo.cli import main; main()", "train", "--run-dir", str(run)]
     cmd += ["--address", ray_head["address"]] + [a for s in sets for a in ("--set", s)]

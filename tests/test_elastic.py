@@ -190,6 +190,7 @@ def capacity_of(tmp_path: Path, sets: list[str]):
     c.cfg = load_config(None, sets)
     c.run = SimpleNamespace(root=tmp_path)
     c.version = 7
+    c.pending = []
     c.weights_for = lambda roles, v: f"weights-v{v}"
     c.init_capacity()
     return c

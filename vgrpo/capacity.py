@@ -67,6 +67,7 @@ class Capacity:
     cfg: RunConfig
     run: Any
     version: int
+    pending: Any  # Trainer: the rollouts launched and not yet collected
     weights_for: Any  # Publishing
 
     def init_capacity(self) -> None:
@@ -126,6 +127,8 @@ class Capacity:
 
         a = self.cfg.train.autoscale
         if not a.enabled or step % a.every != 0 or len(self.capacity_rows) < a.window:
+            return {}
+        if self.pending:  # a rollout in flight on the workers (never at the driver's call site): not now
             return {}
         rows = self.capacity_rows[-a.window :]
         scaled = self.scaled_rewards(roles)
