@@ -99,7 +99,9 @@ class Roles:
         self.pg = placement_group(
             self.learner_bundles, strategy=cfg.resources.placement_strategy, name="vgrpo"
         )
-        self.get(self.pg.ready(), "placement group (resources: " + json.dumps(bundles) + ")")
+        self.get(
+            self.pg.ready(), f"the learners' placement group (resources: {json.dumps(self.learner_bundles)})"
+        )
 
         self.objective = build_objective(cfg.algorithm)
         self.threads = cfg.resources.torch_threads or auto_threads(cfg)
@@ -238,7 +240,18 @@ class Roles:
             if placed is None:
                 break
             worker, pg = placed
-            self._load(worker, f"rollout worker {self._next_id} (added)", weights)
+            try:
+                self._load(worker, f"rollout worker {self._next_id} (added)", weights)
+            except TrainingError as e:  # the run goes on with the workers it has
+                import ray
+                from ray.util.placement_group import remove_placement_group
+
+                log.warning("an added rollout worker did not start, the run goes on without it: %s", e)
+                with contextlib.suppress(Exception):
+                    ray.kill(worker, no_restart=True)
+                with contextlib.suppress(Exception):
+                    remove_placement_group(pg)
+                break
             self._append(worker, pg)
             added += 1
         return added
