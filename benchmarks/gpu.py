@@ -153,23 +153,14 @@ CPU_PRESET: dict[str, Any] = dict(
     warmup=False,
 )
 
-# --family flux: FLUX.1-dev at 512² as configs/flux1dev_vgrpo_geneval.yaml runs it
-FLUX_GPU_PRESET: dict[str, Any] = dict(
-    family="flux",
-    transformer=FLUX1_DEV_TRANSFORMER,
-    vae=FLUX1_VAE,
-    image=512,
-    text_len=512,  # T5-XXL tokens (FLUX attends to the padding: the recipe keeps 512); + pooled CLIP-L
-    shift=round(dynamic_shift(FLUX1_DEV_SCHEDULER, (512 // 16) ** 2), 4),  # 1024 packed tokens
-    lora=dict(rank=32, alpha=64.0),  # target_modules None: core.families.flux.Flux.lora_targets
+# what the FLUX.1 and Wan presets share: one row per shape at the recipe's settings (LoRA r32, 20 sampler
+# steps, one prompt group per learner micro step with checkpointing, halved on OOM) ...
+FAMILY_GPU_RUN: dict[str, Any] = dict(
+    lora=dict(rank=32, alpha=64.0),  # target_modules None: the family's own (core/families)
     n_mc=4,
-    rollout_batches=(16,),
     rollout_steps=(20,),
-    rollout_guidance=3.5,  # the guidance embedding: one forward a step
     cfg_row=None,
-    learner_guidance=3.5,  # the learner scores the guided velocity its rollout sampled (embedded)
-    learner_plain=(),  # without checkpointing one group holds ~960 GB of activations
-    learner_ckpt=(16,),  # one prompt group of G = 16 images
+    learner_plain=(),
     off_policy_row=None,
     train_grid_steps=20,
     count_with_ckpt=True,
@@ -177,6 +168,32 @@ FLUX_GPU_PRESET: dict[str, Any] = dict(
     repeats=1,
     full_weight_repeats=1,
     warmup=True,
+)
+# ... and the same path tiny (--cpu-smoke)
+FAMILY_CPU_SMOKE: dict[str, Any] = dict(
+    text_len=8,
+    lora=dict(rank=4, alpha=8.0),
+    n_mc=2,
+    rollout_batches=(2,),
+    rollout_steps=(2,),
+    learner_ckpt=(2,),
+    train_grid_steps=2,
+    warmup=False,
+)
+
+# --family flux: FLUX.1-dev at 512² as configs/flux1dev_vgrpo_geneval.yaml runs it
+FLUX_GPU_PRESET: dict[str, Any] = dict(
+    FAMILY_GPU_RUN,
+    family="flux",
+    transformer=FLUX1_DEV_TRANSFORMER,
+    vae=FLUX1_VAE,
+    image=512,
+    text_len=512,  # T5-XXL tokens (FLUX attends to the padding: the recipe keeps 512); + pooled CLIP-L
+    shift=round(dynamic_shift(FLUX1_DEV_SCHEDULER, (512 // 16) ** 2), 4),  # 1024 packed tokens
+    rollout_batches=(16,),
+    rollout_guidance=3.5,  # the guidance embedding: one forward a step
+    learner_guidance=3.5,  # the learner scores the guided velocity its rollout sampled (embedded)
+    learner_ckpt=(16,),  # one prompt group of G = 16 images (without checkpointing: ~960 GB)
 )
 TINY_FLUX_TRANSFORMER = dict(
     FLUX1_DEV_TRANSFORMER,
@@ -193,22 +210,16 @@ TINY_FLUX_VAE = dict(
 )
 FLUX_CPU_PRESET: dict[str, Any] = dict(
     FLUX_GPU_PRESET,
+    **FAMILY_CPU_SMOKE,
     transformer=TINY_FLUX_TRANSFORMER,
     vae=TINY_FLUX_VAE,
     image=64,
-    text_len=8,
     shift=round(dynamic_shift(FLUX1_DEV_SCHEDULER, (64 // 16) ** 2), 4),
-    lora=dict(rank=4, alpha=8.0),
-    n_mc=2,
-    rollout_batches=(2,),
-    rollout_steps=(2,),
-    learner_ckpt=(2,),
-    train_grid_steps=2,
-    warmup=False,
 )
 
 # --family wan: Wan2.1-T2V-1.3B at 480x832 as configs/wan21_t2v_1_3b_vgrpo.yaml runs it
 WAN_GPU_PRESET: dict[str, Any] = dict(
+    FAMILY_GPU_RUN,
     family="wan",
     transformer=WAN21_T2V_1_3B_TRANSFORMER,
     vae=WAN21_VAE,
@@ -217,22 +228,10 @@ WAN_GPU_PRESET: dict[str, Any] = dict(
     frames=33,  # --frames; 4k + 1 (the VAE's temporal factor 4)
     text_len=512,  # UMT5 tokens (no pooled vector)
     shift=WAN21_480P_FLOW_SHIFT,
-    lora=dict(rank=32, alpha=64.0),  # target_modules None: to_q/k/v, to_out.0 of both attentions
-    n_mc=4,
     rollout_batches=(4,),  # rollout.batch_size: clips per sampler forward
-    rollout_steps=(20,),
     rollout_guidance=5.0,  # CFG: [uncond; cond] in one forward of 2B
-    cfg_row=None,
     learner_guidance=1.0,  # the recipe trains the unguided velocity
-    learner_plain=(),
     learner_ckpt=(8,),  # one prompt group of G = 8 clips
-    off_policy_row=None,
-    train_grid_steps=20,
-    count_with_ckpt=True,
-    halve_on_oom=True,
-    repeats=1,
-    full_weight_repeats=1,
-    warmup=True,
 )
 TINY_WAN_TRANSFORMER = dict(
     WAN21_T2V_1_3B_TRANSFORMER,
@@ -246,19 +245,12 @@ TINY_WAN_TRANSFORMER = dict(
 TINY_WAN_VAE = dict(WAN21_VAE, base_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
 WAN_CPU_PRESET: dict[str, Any] = dict(
     WAN_GPU_PRESET,
+    **FAMILY_CPU_SMOKE,
     transformer=TINY_WAN_TRANSFORMER,
     vae=TINY_WAN_VAE,
     height=32,
     width=48,  # not square: height and width are not swapped anywhere
     frames=5,  # 2 latent frames
-    text_len=8,
-    lora=dict(rank=4, alpha=8.0),
-    n_mc=2,
-    rollout_batches=(2,),
-    rollout_steps=(2,),
-    learner_ckpt=(2,),
-    train_grid_steps=2,
-    warmup=False,
 )
 
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # family: (GPU, --cpu-smoke)
