@@ -222,6 +222,7 @@ def build_flux(variant: str) -> Any:
         FluxTransformer2DModel,
     )
 
+    from vgrpo.model_configs import FLUX1_DEV_SCHEDULER, FLUX1_VAE
     from vgrpo.tiny_models import build_tokenizer
 
     dev = variant == "dev"
@@ -248,17 +249,13 @@ def build_flux(variant: str) -> Any:
         norm_num_groups=4,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=0.1159,  # FLUX.1's
-        scaling_factor=0.3611,
+        shift_factor=FLUX1_VAE["shift_factor"],
+        scaling_factor=FLUX1_VAE["scaling_factor"],
     )
+    # FLUX.1-dev's scheduler; schnell's is the same without the resolution-dependent shift
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
-        shift=3.0 if dev else 1.0,
-        use_dynamic_shifting=dev,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
+        **dict(FLUX1_DEV_SCHEDULER, shift=3.0 if dev else 1.0, use_dynamic_shifting=dev),
     )
     return FluxPipeline(
         scheduler=scheduler,
