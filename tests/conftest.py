@@ -3,10 +3,14 @@ seconds and the CI machine has 2 cores, so every test that needs Ray shares it (
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -76,3 +80,21 @@ def _png_header(width: int, height: int) -> bytes:
 def png_header():
     """``png_header(w, h)``: PNG bytes whose header declares w x h pixels."""
     return _png_header
+
+
+@pytest.fixture(scope="module")
+def load_benchmark() -> Iterator[Callable[[str], ModuleType]]:
+    """Loads ``benchmarks/<name>.py`` as a module (benchmarks/ is scripts, not a package; it stays on
+    sys.path for the module's tests, so that a benchmark's sibling imports resolve)."""
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, Path(bench) / f"{name}.py")
+        assert spec and spec.loader
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    yield load
+    sys.path.remove(bench)

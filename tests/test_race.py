@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def race():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("race", BENCH / "race.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.path.remove(str(BENCH))
+def race(load_benchmark):
+    return load_benchmark("race")
 
 
 def run(label, seed, evals, rewards, s_per_step=1.0):
