@@ -239,20 +239,13 @@ class Roles:
             placed = self._place_worker(wait_s)
             if placed is None:
                 break
-            worker, pg = placed
+            self._append(*placed)
             try:
-                self._load(worker, f"rollout worker {self._next_id} (added)", weights)
+                self._load(self.workers[-1], f"rollout worker {self.worker_ids[-1]} (added)", weights)
             except TrainingError as e:  # the run goes on with the workers it has
-                import ray
-                from ray.util.placement_group import remove_placement_group
-
                 log.warning("an added rollout worker did not start, the run goes on without it: %s", e)
-                with contextlib.suppress(Exception):
-                    ray.kill(worker, no_restart=True)
-                with contextlib.suppress(Exception):
-                    remove_placement_group(pg)
+                self._release(len(self.workers) - 1)
                 break
-            self._append(worker, pg)
             added += 1
         return added
 
