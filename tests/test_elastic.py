@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from vgrpo.capacity import distribute, free_slots
+from vgrpo.capacity import distribute
 from vgrpo.elastic import best_split, measured_costs, replan
+from vgrpo.placement import free_slots
 from vgrpo.plan import Cluster, Costs, Split, Workload, predict
 
 WORK = Workload(prompts=48, group_size=24, max_staleness=1)  # 1152 images a step

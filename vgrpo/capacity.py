@@ -19,19 +19,11 @@ import math
 import time
 from typing import Any, Literal
 
+from vgrpo import placement
 from vgrpo.proto.config import RunConfig
 from vgrpo.roles import Roles
 
 log = logging.getLogger("vgrpo")
-
-
-def free_slots(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
-    """How many more actors of resources ``bundle`` the nodes' available resources hold (each on one node)."""
-    total = 0
-    for avail in nodes:
-        fits = [math.floor(avail.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0]
-        total += max(0, min(fits)) if fits else 0
-    return total
 
 
 def available_per_node() -> list[dict[str, float]]:
@@ -122,6 +114,8 @@ class Capacity:
     def replan_capacity(self, roles: Roles, step: int) -> dict[str, Any]:
         """At a re-plan step: decide from the last ``window`` steps measured with the current split and act
         on the decision. Returns the ``autoscale/*`` metrics of the step (none between re-plans)."""
+        import ray
+
         from vgrpo.elastic import replan
         from vgrpo.plan import Cluster, Split, workload_of
 
@@ -133,16 +127,12 @@ class Capacity:
         rows = self.capacity_rows[-a.window :]
         scaled = self.scaled_rewards(roles)
         on_gpu = self.cfg.rollout.gpus_per_worker > 0
-        bundle = roles.worker_bundle[0]
-        nodes = available_per_node()
-        room = free_slots(bundle, nodes)
+        room = placement.free_slots(roles.worker_bundle[0], available_per_node())
         cap = a.max_rollout_workers
         if cap is not None:
             room = min(room, max(0, cap - len(roles.workers)))
         current = Split(len(roles.workers), sum(scaled.values()), len(roles.learners))
         devices = current.total + room
-        import ray
-
         cpus = float(ray.cluster_resources().get("CPU", 0.0))
         cluster = Cluster(
             devices=devices,

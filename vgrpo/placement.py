@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -279,6 +280,16 @@ def _sum(items: Any) -> Resources:
 
 def _fits(req: Resources, free: Resources) -> bool:
     return all(free.get(k, 0.0) + EPS >= v for k, v in req.items())
+
+
+def free_slots(req: Resources, nodes: list[Resources]) -> int:
+    """How many more actors of resources ``req`` the nodes' free resources hold, each whole on one node
+    (the fit rule of :func:`_fits`): the room the capacity re-planner sees (vgrpo/capacity.py)."""
+    total = 0
+    for free in nodes:
+        fits = [math.floor((free.get(k, 0.0) + EPS) / v) for k, v in req.items() if v > 0]
+        total += max(0, min(fits)) if fits else 0
+    return total
 
 
 def _take(req: Resources, free: Resources) -> None:
